@@ -1,0 +1,61 @@
+"""Token sampling and classifier-free-guidance schedules. All randomness comes from the given generator."""
+from __future__ import annotations
+
+import torch
+
+
+def guidance_weights(schedule: str | list[float], cfg: float, num_scales: int) -> list[float]:
+    """Guidance weight t_s per scale (logits = (1+t) cond - t uncond).
+
+    ``"linear"``: the official ramp t_s = cfg * s / (S-1); ``"constant"``: t_s = cfg;
+    ``"window:i:j"``: t_s = cfg on scales i..j (inclusive), 0 elsewhere; a list: explicit t_s per scale.
+    """
+    S = num_scales
+    if isinstance(schedule, (list, tuple)):
+        if len(schedule) != S:
+            raise ValueError(f"explicit guidance list needs {S} values (one per scale), got {len(schedule)}")
+        return [float(t) for t in schedule]
+    if schedule == "linear":
+        return [cfg * si / (S - 1) if S > 1 else cfg for si in range(S)]
+    if schedule == "constant":
+        return [float(cfg)] * S
+    if schedule.startswith("window:"):
+        try:
+            lo, hi = (int(v) for v in schedule.split(":")[1:3])
+        except ValueError:
+            raise ValueError(f"guidance window must look like 'window:i:j', got {schedule!r}") from None
+        return [float(cfg) if lo <= si <= hi else 0.0 for si in range(S)]
+    raise ValueError(f"unknown guidance schedule {schedule!r}: use 'linear', 'constant', 'window:i:j' or a list")
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Mask logits (..., V) outside the top-k (ties kept) and then outside the nucleus top-p; returns a copy.
+
+    Same rule as the official sampler: top-p drops the tokens whose ascending cumulative probability is
+    <= 1 - top_p, always keeping the most likely one.
+    """
+    logits = logits.clone()
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                  generator: torch.Generator | None = None, return_prob: bool = False):
+    """Sample one token per position from (B, l, V) logits: (B, l) indices (and their probabilities).
+
+    One ``torch.multinomial`` call over all B*l rows, consuming the generator exactly as the official code.
+    """
+    B, l, V = logits.shape
+    probs = filter_top_k_top_p(logits, top_k, top_p).softmax(dim=-1).view(-1, V)
+    idx = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
+    if return_prob:
+        return idx, probs.gather(-1, idx.view(-1, 1)).view(B, l)
+    return idx

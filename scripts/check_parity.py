@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Compare our models with the official implementation's golden tensors.
+
+    python scripts/check_parity.py --reference-dir ../shared/reference --part all
+
+Prints one JSON object (max-abs error / token-match fraction per tensor, pass/fail per part) and exits 1 on
+any failure. Works for any directory holding tiny_{vae,star,star_sampler}_{state,golden}.* files.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+from metrics.parity import PARTS, run  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference-dir", required=True, type=Path)
+    parser.add_argument("--part", default="all", choices=[*PARTS, "all"])
+    args = parser.parse_args()
+    if not args.reference_dir.is_dir():
+        parser.error(f"--reference-dir {args.reference_dir} is not a directory")
+    parts = list(PARTS) if args.part == "all" else [args.part]
+    result = run(args.reference_dir, parts)
+    print(json.dumps(result, indent=1))
+    return 0 if result["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: set up the environment, then run the whole test suite (arguments go to pytest).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+bash "$REPO_ROOT/scripts/setup.sh"
+cd "$REPO_ROOT"
+exec "$VENV/bin/python" -m pytest "$@"

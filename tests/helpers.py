@@ -1,0 +1,37 @@
+"""Shared test helpers (not collected as tests)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_check_parity(reference_dir: Path, part: str) -> tuple[int, dict]:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "check_parity.py"),
+                           "--reference-dir", str(reference_dir), "--part", part],
+                          capture_output=True, text=True, timeout=600)
+    try:
+        return proc.returncode, json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"check_parity printed no JSON:\n{proc.stdout}\n{proc.stderr}") from None
+
+
+def read_manifest(path: Path) -> list[tuple[str, list[int]]]:
+    """[(key, shape)] in file order from a reference manifest (comment lines skipped)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape = line.split("\t")[:2]
+        rows.append((key, json.loads(shape)))
+    return rows
+
+
+def manifest_param_count(path: Path) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith("# parameter count:"):
+            return int(line.split(":")[1].split()[0])
+    raise ValueError(f"no parameter count in {path}")

@@ -1,0 +1,107 @@
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from models.star import StarConfig
+from models.vqvae import VQVAEConfig
+from utils.config import ConfigError, from_dict, load_config, parse_overrides, to_dict, to_json
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: str = "lin0"
+    clip: float | None = 2.0
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    steps: int = 10
+    fp16: bool = False
+    tags: list[str] = field(default_factory=list)
+    optim: OptimSection = field(default_factory=OptimSection)
+    model: StarConfig = field(default_factory=lambda: StarConfig(depth=2))
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_json_load_with_nested_sections(tmp_path):
+    cfg = load_config(RunSection, write(tmp_path, {"steps": 5, "optim": {"lr": 3e-4}, "model": {"depth": 4}}))
+    assert cfg.steps == 5 and cfg.optim.lr == 3e-4 and cfg.optim.schedule == "lin0"
+    assert cfg.model.depth == 4 and cfg.model.width == 256 and cfg.model.num_heads == 4  # derived defaults
+
+
+def test_overrides_flat_nested_and_types(tmp_path):
+    cfg = load_config(RunSection, write(tmp_path, {"steps": 5}),
+                      ["--steps=7", "--optim.lr=1e-3", "--optim.betas=[0.8,0.99]", "--fp16", "--name", "123",
+                       "--model.patch_nums=1,2,4", "--optim.clip=null", "--tags=[\"a\",\"b\"]"])
+    assert cfg.steps == 7 and cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.99)
+    assert cfg.fp16 is True and cfg.name == "123"  # a str field keeps the raw text
+    assert cfg.model.patch_nums == (1, 2, 4) and cfg.optim.clip is None and cfg.tags == ["a", "b"]
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert from_dict(OptimSection, {"lr": 1}).lr == 1.0
+    with pytest.raises(ConfigError, match=r"'steps': expected int, got 1.5"):
+        from_dict(RunSection, {"steps": 1.5})
+
+
+@pytest.mark.parametrize("data,override,match", [
+    ({"stpes": 3}, [], r"unknown config key 'stpes'\. Did you mean 'steps'\?"),
+    ({"optim": {"lrr": 3}}, [], r"unknown config key 'optim\.lrr'\. Did you mean 'lr'\?"),
+    ({}, ["--optim.schedul=cos"], r"unknown config key 'optim\.schedul'\. Did you mean 'schedule'\?"),
+    ({}, ["--modle.depth=3"], r"unknown config key 'modle'\. Did you mean 'model'\?"),
+])
+def test_unknown_keys_name_the_closest_valid_key(tmp_path, data, override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(RunSection, write(tmp_path, data), override)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"steps": "ten"}, r"'steps': expected int, got 'ten' \(str\)"),
+    ({"fp16": 1}, r"'fp16': expected bool \(true/false\), got 1 \(int\)"),
+    ({"optim": {"betas": [0.9]}}, r"'optim\.betas': expected 2 items, got 1"),
+    ({"optim": 3}, r"'optim': expected a section"),
+    ({"model": {"patch_nums": [1, 3, 2]}}, r"patch_nums must start at 1 and increase strictly"),
+])
+def test_wrong_types_name_key_expected_and_given(tmp_path, data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(RunSection, write(tmp_path, data))
+
+
+def test_override_of_a_section_or_through_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config(RunSection, None, ["--optim=3"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(RunSection, None, ["--steps.x=3"])
+
+
+def test_round_trip_to_json():
+    cfg = load_config(RunSection, None, ["--optim.betas=[0.5,0.6]", "--model.depth=3", "--tags=x,y"])
+    data = json.loads(to_json(cfg))
+    assert data["optim"]["betas"] == [0.5, 0.6] and data["model"]["patch_nums"] == list(cfg.model.patch_nums)
+    assert from_dict(RunSection, data) == cfg
+    assert to_dict(from_dict(VQVAEConfig, to_dict(VQVAEConfig()))) == to_dict(VQVAEConfig())
+
+
+def test_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(RunSection, tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        load_config(RunSection, bad)
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--a.b=1", "--c", "2", "--flag", "--d-e=x"]) == [
+        ("a.b", "1"), ("c", "2"), ("flag", "true"), ("d_e", "x")]
+    with pytest.raises(ConfigError, match="overrides look like --key=value"):
+        parse_overrides(["positional"])

@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from utils import dist
+from utils.logging import get_logger
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_single_process_helpers(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["train.py", "--config=x.json"]
+    device = dist.init_distributed(argv)
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert not dist.is_initialized()
+    assert (dist.get_rank(), dist.get_world_size(), dist.get_local_rank()) == (0, 1, 0)
+    assert dist.is_main_process()
+    t = torch.tensor([3.0])
+    assert dist.all_reduce_mean(t).item() == 3.0
+    dist.barrier()  # no-op
+    assert argv == ["train.py", "--config=x.json"]
+
+
+def test_legacy_local_rank_argument_is_consumed():
+    argv = ["train.py", "--local-rank=1", "--x=1"]
+    assert dist.pop_local_rank_arg(argv) == 1 and argv == ["train.py", "--x=1"]
+    argv = ["train.py", "--local_rank", "3", "--x=1"]
+    assert dist.pop_local_rank_arg(argv) == 3 and argv == ["train.py", "--x=1"]
+    assert dist.pop_local_rank_arg(["a"]) is None
+
+
+def test_logger_writes_file_on_rank0(tmp_path):
+    log = get_logger("star-test", tmp_path / "log.txt")
+    log.info("hello %d", 7)
+    for h in log.handlers:
+        h.flush()
+    assert "hello 7" in (tmp_path / "log.txt").read_text()
+
+
+def test_torchrun_two_processes_all_reduce():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "dist_allreduce.py")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(" ok 1.5") == 2, proc.stdout

@@ -1,0 +1,32 @@
+"""A rank-0 logger: console + file on the main process, silent elsewhere. Never touches ``print``/``sys.stdout``."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from utils import dist
+
+_FORMAT = "[%(asctime)s %(levelname)s] %(message)s"
+
+
+def get_logger(name: str = "star", log_file: str | Path | None = None) -> logging.Logger:
+    """The project logger. On rank 0 it writes INFO+ to stderr and, if given, appends to ``log_file``;
+    on other ranks it only lets WARNING+ through, so errors are never lost."""
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    main = dist.is_main_process()
+    logger.setLevel(logging.INFO if main else logging.WARNING)
+    if not any(getattr(h, "_star_console", False) for h in logger.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+        console._star_console = True  # type: ignore[attr-defined]
+        logger.addHandler(console)
+    if log_file is not None and main:
+        log_file = Path(log_file).resolve()
+        if not any(getattr(h, "baseFilename", None) == str(log_file) for h in logger.handlers):
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_file)
+            handler.setFormatter(logging.Formatter(_FORMAT, "%Y-%m-%d %H:%M:%S"))
+            logger.addHandler(handler)
+    return logger
