@@ -1,0 +1,191 @@
+"""Checkpoint I/O: our release format and the official one.
+
+Ours: a directory with ``config.json`` (the full model configs) + ``model.safetensors`` (+ ``vqvae.safetensors``).
+Official: a ``.pth`` trainer dict (weights at ``ckpt["trainer"]["var_wo_ddp"]``) or a bare state dict; it does not
+record RoPE/head-norm settings, so a preset (or an explicit StarConfig) supplies them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.star import STAR, StarConfig
+from models.vqvae import PATCH_NUMS, VQVAE, VQVAEConfig
+from utils.config import from_dict, to_dict
+
+_OFFICIAL = dict(rope_theta=10000.0, rope_norm=64.0, text_dim=1024, legacy_cross_attn_batch0=True)
+
+# The released STAR checkpoints: architecture and the settings their evaluation scripts use.
+OFFICIAL_PRESETS: dict[str, dict] = {
+    "star-d16-256": dict(depth=16, patch_nums=PATCH_NUMS["256"], **_OFFICIAL),
+    "star-d30-256": dict(depth=30, patch_nums=PATCH_NUMS["256"], **_OFFICIAL),
+    # The official 512 evaluation runs this checkpoint with the head LayerNorm off (eval_fid_topk.py).
+    "star-d30-512": dict(depth=30, patch_nums=PATCH_NUMS["512"], head_norm=False, **_OFFICIAL),
+    "star-d30-1024": dict(depth=30, patch_nums=PATCH_NUMS["1024"], **_OFFICIAL),
+}
+
+# Keys some official/VAR files carry that no STAR model uses.
+_IGNORED_KEYS = ("lvl_1L", "attn_bias_for_masking")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not fit the model it is loaded into."""
+
+
+def atomic_save(write, path: str | Path) -> None:
+    """Run ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_pretrained(directory: str | Path, star: STAR | None = None, vqvae: VQVAE | None = None,
+                    extra_config: dict | None = None) -> Path:
+    """Write ``config.json`` + safetensors weights for the given models into ``directory``."""
+    directory = Path(directory)
+    config: dict = dict(extra_config or {})
+    if star is not None:
+        config["star"] = to_dict(star.cfg)
+        atomic_save(lambda p: save_file(_contiguous(star.state_dict()), p), directory / "model.safetensors")
+    if vqvae is not None:
+        config["vqvae"] = to_dict(vqvae.cfg)
+        atomic_save(lambda p: save_file(_contiguous(vqvae.state_dict()), p), directory / "vqvae.safetensors")
+    atomic_save(lambda p: Path(p).write_text(json.dumps(config, indent=2)), directory / "config.json")
+    return directory
+
+
+def read_config(directory: str | Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a star checkpoint directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+def load_pretrained_star(directory: str | Path, **config_overrides) -> STAR:
+    """A STAR model from our directory format (``config_overrides`` e.g. legacy switches)."""
+    cfg_dict = read_config(directory)
+    if "star" not in cfg_dict:
+        raise CheckpointError(f"{directory}/config.json has no 'star' section")
+    cfg = from_dict(StarConfig, {**cfg_dict["star"], **config_overrides})
+    model = STAR(cfg)
+    model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")), strict=True)
+    return model.eval()
+
+
+def load_pretrained_vqvae(directory: str | Path) -> VQVAE:
+    cfg = from_dict(VQVAEConfig, read_config(directory)["vqvae"])
+    vae = VQVAE(cfg)
+    vae.load_state_dict(load_file(str(Path(directory) / "vqvae.safetensors")), strict=True)
+    return vae.eval()
+
+
+# --- official files ---------------------------------------------------------------------------------------------
+def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The transformer (or VAE) weights of an official ``.pth``: trainer dict or bare state dict, with
+    ``module.`` / ``_orig_mod.`` prefixes removed. Loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or not a torch file
+            raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if isinstance(state, dict) and "trainer" in state:
+        state = state["trainer"]["var_wo_ddp"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state dict")
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def adapt_official_state_dict(state: dict[str, torch.Tensor], model: STAR, allow_partial: bool = False,
+                              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Fit an official/VAR state dict to ``model``: drop unused buffers, rename VAR's ``head.*``, grow
+    ``lvl_embed`` (and ``pos_1LC``) for a longer schedule with freshly initialised rows (progressive
+    resolution), drop ``class_emb`` if the model has none. Any other mismatch is one readable error unless
+    ``allow_partial`` (then the model's own values are kept for those keys)."""
+    state = {k: v for k, v in state.items() if k.split(".")[-1] not in _IGNORED_KEYS}
+    if "head.weight" in state and "head_logits.weight" not in state:  # VAR naming
+        state["head_logits.weight"], state["head_logits.bias"] = state.pop("head.weight"), state.pop("head.bias")
+    own = model.state_dict()
+    if "class_emb.weight" not in own:
+        state.pop("class_emb.weight", None)
+    std = math.sqrt(1 / model.cfg.width / 3)
+    for key in ("lvl_embed.weight", "pos_1LC"):
+        if key in state and key in own:
+            old, new = state[key], own[key]
+            axis = 0 if key == "lvl_embed.weight" else 1
+            if old.shape[axis] < new.shape[axis] and old.shape[axis + 1:] == new.shape[axis + 1:]:
+                grown = torch.empty(new.shape, dtype=old.dtype).normal_(0, std, generator=generator)
+                grown.narrow(axis, 0, old.shape[axis]).copy_(old)
+                state[key] = grown
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if (missing or unexpected or mismatched) and not allow_partial:
+        def fmt(title, keys):
+            return f"\n  {title} ({len(keys)}): " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else "")
+        msg = "checkpoint does not fit the model"
+        if missing:
+            msg += fmt("missing", missing)
+        if unexpected:
+            msg += fmt("unexpected", unexpected)
+        if mismatched:
+            msg += fmt("shape mismatch", mismatched)
+        msg += "\n(check the preset/config: depth, text_dim, patch_nums, rope; pass allow_partial=True to load anyway)"
+        raise CheckpointError(msg)
+    return {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+
+
+def load_official_star(path: str | Path, preset: str | None = None, config: StarConfig | None = None,
+                       allow_partial: bool = False) -> STAR:
+    """A STAR model from an official ``.pth``, built from a preset name or an explicit config."""
+    if config is None:
+        if preset not in OFFICIAL_PRESETS:
+            raise CheckpointError(f"official checkpoints need a preset ({', '.join(OFFICIAL_PRESETS)}) or a "
+                                  f"StarConfig: RoPE and head settings are not stored in the file")
+        config = StarConfig(**OFFICIAL_PRESETS[preset])
+    model = STAR(config)
+    model.init_weights()
+    state = adapt_official_state_dict(read_official_state_dict(path), model, allow_partial)
+    model.load_state_dict(state, strict=not allow_partial)
+    return model.eval()
+
+
+def load_official_vqvae(path: str | Path, config: VQVAEConfig | None = None) -> VQVAE:
+    """VAR's ``vae_ch160v4096z32.pth`` (bare state dict) into a VQVAE of the given (default: released) config."""
+    vae = VQVAE(config or VQVAEConfig())
+    state = read_official_state_dict(path)
+    try:
+        vae.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit VQVAE({config or VQVAEConfig()}): {e}") from None
+    return vae.eval()

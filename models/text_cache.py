@@ -1,0 +1,68 @@
+"""A caption-embedding cache: the frozen text encoder runs once per distinct (encoder, prompt).
+
+Stored in an LMDB environment; the key is sha1(encoder identity + prompt), the value the safetensors bytes of
+{hidden (n, D) over the n valid tokens, pooled (D,)} in float32 (no pickle). Hidden states at padding positions
+are zero in every encoder's output (see text_encoder.py), so cached and direct encodings are identical.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lmdb
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from models.text_encoder import TextEncoder
+
+
+class CachedTextEncoder:
+    """Wraps a TextEncoder with an on-disk cache; same ``encode`` contract, ``dim`` and ``max_length``."""
+
+    def __init__(self, encoder: TextEncoder, directory: str | Path, map_size_gb: float = 64, readonly: bool = False):
+        self.encoder, self.dim, self.max_length = encoder, encoder.dim, encoder.max_length
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(str(directory), map_size=int(map_size_gb * 2 ** 30), subdir=True, readonly=readonly,
+                             lock=not readonly, readahead=False, meminit=False)
+        self.hits = self.misses = 0
+
+    def key(self, prompt: str) -> bytes:
+        return hashlib.sha1(f"{self.encoder.identity}\0{prompt}".encode()).digest()
+
+    def __len__(self) -> int:
+        return self.env.stat()["entries"]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L = len(prompts), self.max_length
+        hidden = torch.zeros(B, L, self.dim)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        pooled = torch.zeros(B, self.dim)
+        missing = []
+        with self.env.begin() as txn:
+            for i, p in enumerate(prompts):
+                raw = txn.get(self.key(p))
+                if raw is None:
+                    missing.append(i)
+                    continue
+                item = st_load(raw)
+                n = item["hidden"].shape[0]
+                hidden[i, :n], mask[i, :n], pooled[i] = item["hidden"], 1, item["pooled"]
+        self.hits += B - len(missing)
+        self.misses += len(missing)
+        if missing:
+            h, m, pl = self.encoder.encode([prompts[i] for i in missing])
+            h, m, pl = h.cpu(), m.cpu(), pl.cpu()
+            with self.env.begin(write=True) as txn:
+                for j, i in enumerate(missing):
+                    n = int(m[j].sum())
+                    if not bool(m[j, :n].all()):
+                        raise ValueError("the cache stores right-padded masks only")
+                    txn.put(self.key(prompts[i]), st_save({"hidden": h[j, :n].contiguous(), "pooled": pl[j].contiguous()}))
+                    hidden[i], mask[i], pooled[i] = h[j], m[j], pl[j]
+        device = self.encoder.device
+        return hidden.to(device), mask.to(device), pooled.to(device)
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Benchmark generation with random weights; prints one JSON object.
+
+    python scripts/bench_generate.py --size star-d16 --resolution 256 --batch 1 --cfg 4 --repeats 3
+
+Reports the median over ``--repeats`` timed runs after one warm-up: seconds per batch (``seconds_median``),
+per image, images/s, tokens/s, the transformer / VQ-VAE-decode split, peak RSS (and peak CUDA memory), the
+analytic FLOP count (metrics/flops.py) and achieved GFLOP/s, next to a large fp32/bf16 matmul timed in the
+same process as the machine's practical peak.
+"""
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+import torch  # noqa: E402
+
+from metrics.flops import star_generation_flops  # noqa: E402
+from models import build_star, build_vqvae, star_config, vqvae_config  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="star-d16")
+    p.add_argument("--resolution", default="256")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--top-k", type=int, default=900)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    p.add_argument("--text-len", type=int, default=77)
+    p.add_argument("--legacy-cross-attn", action="store_true", help="official batch-0 cross-attention")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+
+    torch.manual_seed(0)
+    res = None if args.size == "star-tiny" else args.resolution
+    cfg = star_config(args.size, res, legacy_cross_attn_batch0=args.legacy_cross_attn)
+    vcfg = vqvae_config("vqvae-tiny" if args.size == "star-tiny" else "vqvae-f16-c160", patch_nums=cfg.patch_nums,
+                        vocab_size=cfg.vocab_size, z_channels=cfg.z_channels)
+    star = build_star(cfg).to(device).eval()
+    vae = build_vqvae(vcfg).to(device).eval()
+    if args.compile:
+        for block in star.blocks:
+            block.compile()
+    B, T = args.batch, args.text_len
+    hidden = torch.randn(2 * B, T, cfg.text_dim, device=device)
+    mask = torch.ones(2 * B, T, dtype=torch.long, device=device)
+    mask[B:, 2:] = 0  # the "" prompt: BOS, EOS, padding
+    pooled = torch.randn(2 * B, cfg.text_dim, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    decode_times = []
+    real_decode = vae.fhat_to_img
+
+    def timed_decode(f_hat):
+        sync(device)
+        t0 = time.perf_counter()
+        out = real_decode(f_hat)
+        sync(device)
+        decode_times.append(time.perf_counter() - t0)
+        return out
+
+    vae.fhat_to_img = timed_decode  # instance attribute on our own object: times the decode inside generate
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(args.repeats + 1):
+        gen = torch.Generator(device).manual_seed(i)
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            star.generate(vae, hidden, mask, pooled, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, generator=gen)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times, decode = times[1:], decode_times[1:]
+    sec = statistics.median(times)
+    dec = statistics.median(decode)
+    flops = star_generation_flops(cfg, B, T)
+    peak = matmul_gflops(device, dtype)
+    out = {
+        "size": args.size, "resolution": args.resolution, "patch_nums": list(cfg.patch_nums), "batch": B,
+        "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "compile": args.compile, "repeats": args.repeats,
+        "seconds_median": sec, "seconds_all": times, "seconds_per_image": sec / B, "images_per_s": B / sec,
+        "tokens_per_s": B * cfg.seq_len / sec, "transformer_seconds_median": sec - dec,
+        "vqvae_decode_seconds_median": dec, "transformer_flops": flops,
+        "transformer_gflops_per_s": flops / (sec - dec) / 1e9, "matmul_gflops_per_s": peak,
+        "transformer_fraction_of_matmul_peak": flops / (sec - dec) / 1e9 / peak,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        out["peak_cuda_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
