@@ -1,0 +1,151 @@
+import json
+import pickle
+import subprocess
+import sys
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from tests.helpers import REPO
+from utils.data.dataset import DistributedResumableSampler, ImageTransform, LMDBImageTextDataset, ShapesDataset
+from utils.data.pack import PackOptions, folder_items, manifest_items, official_items, pack
+from utils.data.records import encode_record, record_key
+
+
+def _image(path, size=(80, 60), color=(200, 30, 30)):
+    Image.new("RGB", size, color).save(path)
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(5):
+        _image(root / f"ok{i}.png", color=(40 * i, 100, 200))
+        (root / f"ok{i}.txt").write_text(f"photo number {i}")
+    _image(root / "json_caption.jpg")
+    (root / "json_caption.json").write_text(json.dumps({"caption": "from json", "prompt": "second caption"}))
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    (root / "corrupt.txt").write_text("a corrupt image")
+    _image(root / "nocaption.png")
+    _image(root / "tiny.png", size=(8, 8))
+    (root / "tiny.txt").write_text("too small")
+    return root
+
+
+def test_pack_folder_counts_and_dataset(photo_folder, tmp_path):
+    summary = pack(folder_items(photo_folder), tmp_path / "out", PackOptions(shard_size=3, min_side=32))
+    assert summary["packed"] == 6
+    assert summary["skipped"] == {"unreadable image": 1, "missing caption": 1, "too small": 1}
+    ds = LMDBImageTextDataset([tmp_path / "out"], ImageTransform(32))
+    assert len(ds) == 6
+    item = ds[0]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert -1 <= item["image"].min() and item["image"].max() <= 1
+    captions = {ds[i]["caption"] for i in range(len(ds))}
+    assert {"photo number 0", "photo number 4"} <= captions
+    # re-running reuses finished shards
+    again = pack(folder_items(photo_folder), tmp_path / "out", PackOptions(shard_size=3, min_side=32))
+    assert again["shards_written"] == 0 and again["shards_reused"] == 3 and again["packed"] == 6
+
+
+def test_manifest_jsonl_and_csv(tmp_path):
+    for i in range(3):
+        _image(tmp_path / f"m{i}.png")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"image": f"m{i}.png", "caption": f"c{i}", "alt": f"a{i}"})
+                                                 for i in range(3)))
+    (tmp_path / "m.csv").write_text("image,caption\n" + "\n".join(f"m{i}.png,c{i}" for i in range(3)) + "\nmissing.png,x\n")
+    s1 = pack(manifest_items(tmp_path / "m.jsonl", ("caption", "alt")), tmp_path / "o1", PackOptions())
+    s2 = pack(manifest_items(tmp_path / "m.csv"), tmp_path / "o2", PackOptions(max_side=40))
+    assert s1["packed"] == 3 and s2["packed"] == 3 and s2["skipped"] == {"missing image": 1}
+    ds = LMDBImageTextDataset([tmp_path / "o1"], ImageTransform(16), caption_keys=("alt",))
+    assert ds[1]["caption"].startswith("a")
+    assert LMDBImageTextDataset([tmp_path / "o2"], ImageTransform(16)).shards[0].sizes[0] == (40, 30)
+
+
+def test_official_json_layout_packs(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "jsons").mkdir()
+    for i in range(3):
+        _image(tmp_path / "images" / f"{i}.webp")
+        (tmp_path / "jsons" / f"{i}.json").write_text(json.dumps({"id": f"x{i}", "prompt": f"prompt {i}"}))
+    summary = pack(official_items(tmp_path), tmp_path / "out", PackOptions())
+    assert summary["packed"] == 3
+
+
+def test_reader_for_official_packs(tmp_path):
+    """A pack built the official way: pickled keys/values, __keys__, <name>-info.json, <name>-lock."""
+    name = tmp_path / "MJData-abc123"
+    env = lmdb.open(str(name), subdir=False, map_size=2 ** 24)
+    keys, info = [], {}
+    with env.begin(write=True) as txn:
+        for i in range(4):
+            key = f"MJData-{i}"
+            buf = __import__("io").BytesIO()
+            Image.new("RGB", (64, 48), (i * 50, 0, 0)).save(buf, format="PNG")
+            txn.put(pickle.dumps(key), pickle.dumps(buf.getvalue()))
+            keys.append(key)
+            info[key] = {"id": str(i), "prompt": f"official prompt {i}", "height": 48, "width": 64}
+        txn.put(pickle.dumps("__keys__"), pickle.dumps(keys))
+    env.close()
+    (tmp_path / "MJData-abc123-info.json").write_text(json.dumps(info))
+    ds = LMDBImageTextDataset([tmp_path], ImageTransform(32))
+    assert len(ds) == 4 and ds.shards[0].official
+    assert [ds[i]["caption"] for i in range(4)] == [f"official prompt {i}" for i in range(4)]
+    assert ds[2]["image"].shape == (3, 32, 32)
+
+
+def test_corrupt_record_is_skipped_and_counted(photo_folder, tmp_path):
+    pack(folder_items(photo_folder), tmp_path / "out", PackOptions(shard_size=100))
+    env = lmdb.open(str(tmp_path / "out" / "shard-00000"), subdir=True)
+    with env.begin(write=True) as txn:
+        txn.put(record_key(1), encode_record({"key": "bad", "captions": {"caption": "x"}}, b"garbage"))
+    env.close()
+    ds = LMDBImageTextDataset([tmp_path / "out"], ImageTransform(16))
+    item = ds[1]
+    assert ds.skipped == 1 and item["key"] != "bad"
+
+
+def test_sampler_gives_disjoint_complete_coverage_for_two_ranks():
+    n = 103
+    parts = [DistributedResumableSampler(n, rank=r, world=2, seed=3) for r in range(2)]
+    for s in parts:
+        s.set_epoch(5)
+    a, b = (p.indices() for p in parts)
+    assert len(a) == len(b) == 52
+    assert set(a) | set(b) == set(range(n))
+    assert len(set(a) & set(b)) <= 1  # only the single wrap-around padding index may repeat
+    parts[0].set_epoch(6)
+    assert parts[0].indices() != a  # a new epoch, a new order
+    parts[0].set_epoch(5, start=10)
+    assert list(parts[0]) == a[10:] and len(parts[0]) == 42
+
+
+def test_item_randomness_is_keyed_by_epoch_and_index():
+    ds = ShapesDataset(50, ImageTransform(32, random_crop=0.2, hflip=True), caption_dropout=0.5, seed=1)
+    first = [ds[i]["caption"] for i in range(20)]
+    assert "" in first and any(first)
+    assert [ds[i]["caption"] for i in range(20)] == first
+    ds.set_epoch(1)
+    assert [ds[i]["caption"] for i in range(20)] != first
+
+
+def test_dataloader_with_two_workers(tmp_path):
+    pack(__import__("utils.data.pack", fromlist=["shapes_items"]).shapes_items(40, size=32), tmp_path / "s",
+         PackOptions(shard_size=16))
+    ds = LMDBImageTextDataset([tmp_path / "s"], ImageTransform(32))
+    batches = list(DataLoader(ds, batch_size=8, num_workers=2))
+    assert sum(len(b["caption"]) for b in batches) == 40
+    assert torch.equal(batches[0]["image"][0], ds[0]["image"])
+
+
+def test_test_pack_cli_prints_summary(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "test_pack.py"), "--shapes", "20", "--out", str(tmp_path / "o"),
+                           "--shard-size", "8", "--workers", "2"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["packed"] == 20 and summary["shards_written"] == 3

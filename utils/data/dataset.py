@@ -1,0 +1,165 @@
+"""Datasets (LMDB shards or the streamed shapes set) and a resumable distributed sampler.
+
+Every random choice of an item (crop, flip, caption field, caption dropout) comes from a generator seeded by
+(seed, epoch, index), so a run resumed mid-epoch sees exactly the same data as an uninterrupted one, with any
+number of DataLoader workers. Items: {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from utils.data.records import Shard, find_shards
+
+log = logging.getLogger("star")
+
+
+@dataclass
+class ImageTransform:
+    resolution: int
+    random_crop: float = 0.0   # > 0: crop a random square of side in [1 - random_crop, 1] x short side
+    hflip: bool = False
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        img = img.convert("RGB")
+        w, h = img.size
+        side = min(w, h)
+        if self.random_crop > 0:
+            side = max(1, round(side * rng.uniform(1 - self.random_crop, 1)))
+            left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        else:  # centre crop to the short side
+            left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        if img.size != (self.resolution, self.resolution):
+            img = img.resize((self.resolution, self.resolution), Image.LANCZOS)
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(127.5).sub_(1)
+        if self.hflip and rng.random() < 0.5:
+            arr = arr.flip(-1)
+        return arr
+
+
+class _CaptionedDataset(Dataset):
+    """Shared caption selection and per-item seeding."""
+
+    def __init__(self, caption_keys: tuple[str, ...] | None, caption_dropout: float, seed: int):
+        self.caption_keys, self.caption_dropout, self.seed = caption_keys, caption_dropout, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def choose_caption(self, captions: dict[str, str], rng: np.random.Generator) -> str:
+        options = [v for k, v in sorted(captions.items()) if v and (self.caption_keys is None or k in self.caption_keys)]
+        caption = options[rng.integers(len(options))] if options else ""
+        if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+            caption = ""  # the unconditional prompt for classifier-free guidance
+        return caption.strip()
+
+
+class LMDBImageTextDataset(_CaptionedDataset):
+    """Image-caption records from LMDB shard folders (ours or official packs), filtered by size/aspect.
+
+    A corrupt or undecodable record is skipped (the next valid index is returned instead), counted in
+    ``self.skipped`` and logged; it never stops training.
+    """
+
+    def __init__(self, roots: list[str | Path], transform: ImageTransform, caption_keys: tuple[str, ...] | None = None,
+                 caption_dropout: float = 0.0, min_side: int = 0, max_aspect: float = 0.0, seed: int = 0):
+        super().__init__(caption_keys, caption_dropout, seed)
+        self.transform = transform
+        self.shards = [Shard(p) for root in roots for p in find_shards(root)]
+        if not self.shards:
+            raise FileNotFoundError(f"no complete LMDB shards under {roots}: pack data with test_pack.py first")
+        self.index: list[tuple[int, int]] = []
+        for si, shard in enumerate(self.shards):
+            for ri, (w, h) in enumerate(shard.sizes):
+                if w and h and (min(w, h) < min_side or (max_aspect and max(w, h) / min(w, h) > max_aspect)):
+                    continue
+                self.index.append((si, ri))
+        if not self.index:
+            raise ValueError("every record was filtered out (min_side / max_aspect too strict?)")
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load(self, i: int) -> tuple[Image.Image, dict]:
+        si, ri = self.index[i]
+        header, data = self.shards[si].read(ri)
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img, header
+
+    def __getitem__(self, i: int) -> dict:
+        for attempt in range(len(self)):
+            j = (i + attempt) % len(self)
+            try:
+                img, header = self.load(j)
+            except Exception as e:  # corrupt record: skip and count, never crash a long run
+                self.skipped += 1
+                log.warning("skipping unreadable record %d (%s: %s); %d skipped so far in this process",
+                            j, type(e).__name__, e, self.skipped)
+                continue
+            rng = self.rng(i)
+            return {"image": self.transform(img, rng), "caption": self.choose_caption(header["captions"], rng),
+                    "key": str(header.get("key", j))}
+        raise RuntimeError("no readable record in the data set")
+
+
+class ShapesDataset(_CaptionedDataset):
+    """The built-in shapes set rendered on the fly (no packing needed)."""
+
+    def __init__(self, count: int, transform: ImageTransform, split: str = "train", data_seed: int = 0,
+                 texture: float = 0.0, caption_dropout: float = 0.0, seed: int = 0):
+        super().__init__(None, caption_dropout, seed)
+        self.count, self.transform, self.split, self.data_seed, self.texture = count, transform, split, data_seed, texture
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict:
+        from utils.data.shapes import make_sample, render
+        sample = make_sample(i, self.split, self.data_seed)
+        rng = self.rng(i)
+        img = render(sample, self.transform.resolution, self.texture, seed=i)
+        return {"image": self.transform(img, rng), "caption": self.choose_caption({"caption": sample.caption}, rng),
+                "key": f"shapes-{self.split}-{i}"}
+
+
+class DistributedResumableSampler(Sampler[int]):
+    """Epoch-seeded permutation shared by all ranks, padded to a multiple of the world size, rank r taking
+    positions r, r + world, ...; ``start`` skips the first indices of this rank (mid-epoch resume)."""
+
+    def __init__(self, size: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0):
+        self.size, self.rank, self.world, self.shuffle, self.seed = size, rank, world, shuffle, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        total = math.ceil(self.size / self.world) * self.world
+        order += order[: total - self.size]  # pad by wrapping so every rank gets the same count
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world) - self.start

@@ -1,0 +1,249 @@
+"""Packing image-caption pairs into LMDB shards (the library behind ``test_pack.py``).
+
+Sources yield small ``Item`` descriptors (a path or a shapes index, captions) lazily; items are cut into shards
+of ``shard_size`` in input order, so shard k always holds the same items and a re-run skips finished shards.
+Each worker process writes whole shards; images are decoded one at a time (memory stays flat).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import islice
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+from PIL import Image
+
+from utils.data.records import FORMAT, META_KEY, encode_record, record_key
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+OFFICIAL_CAPTION_KEYS = ("prompt", "google_jp", "llava_zh", "minicpm_caption", "caption", "swintag", "florence_en")
+
+
+@dataclass
+class Item:
+    key: str
+    captions: dict[str, str]
+    path: str | None = None          # an image file
+    shapes: tuple | None = None      # (index, split, seed, size, texture) for the built-in data set
+
+
+@dataclass
+class PackOptions:
+    shard_size: int = 10000
+    max_side: int = 0                # 0: keep the size; else shrink so that max(w, h) <= max_side (LANCZOS)
+    min_side: int = 0                # skip images whose shorter side is smaller
+    keep_original: bool = False      # store the original file bytes when no resize is needed
+    workers: int = 1
+    map_size_gb: float = 64.0
+
+
+@dataclass
+class ShardStats:
+    packed: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+# --- sources ----------------------------------------------------------------------------------------------------
+def _sidecar_captions(image: Path, caption_keys: tuple[str, ...]) -> dict[str, str]:
+    txt, js = image.with_suffix(".txt"), image.with_suffix(".json")
+    if txt.is_file():
+        return {"caption": txt.read_text(errors="replace").strip()}
+    if js.is_file():
+        try:
+            data = json.loads(js.read_text())
+        except json.JSONDecodeError:
+            return {}
+        return {k: str(data[k]).strip() for k in caption_keys if isinstance(data.get(k), str)}
+    return {}
+
+
+def folder_items(root: str | Path, caption_keys: tuple[str, ...] = ("caption", "prompt")) -> Iterator[Item]:
+    """Images in a folder tree with captions in sidecar ``.txt`` or ``.json`` files (same stem)."""
+    root = Path(root)
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+        yield Item(str(path.relative_to(root)), _sidecar_captions(path, caption_keys), path=str(path))
+
+
+def manifest_items(manifest: str | Path, caption_keys: tuple[str, ...] = ("caption",)) -> Iterator[Item]:
+    """JSONL or CSV rows with an ``image`` column (relative to the manifest) and caption columns."""
+    manifest = Path(manifest)
+    base = manifest.parent
+    with open(manifest, newline="") as f:
+        rows = (json.loads(line) for line in f if line.strip()) if manifest.suffix == ".jsonl" else csv.DictReader(f)
+        for i, row in enumerate(rows):
+            image = str(row.get("image", ""))
+            captions = {k: str(row[k]).strip() for k in caption_keys if row.get(k)}
+            path = Path(image) if Path(image).is_absolute() else base / image
+            yield Item(f"{manifest.stem}-{i}", captions, path=str(path))
+
+
+def official_items(data_dir: str | Path, image_dir: str = "images", json_dir: str = "jsons",
+                   caption_keys: tuple[str, ...] = OFFICIAL_CAPTION_KEYS) -> Iterator[Item]:
+    """The official layout: ``<data_dir>/<json_dir>/*.json`` (id, basename, prompt/caption fields) with images in
+    ``<data_dir>/<image_dir>/`` named by ``basename`` (or the JSON's stem with any image extension)."""
+    data_dir = Path(data_dir)
+    for js in sorted((data_dir / json_dir).glob("*.json")):
+        try:
+            info = json.loads(js.read_text())
+        except json.JSONDecodeError:
+            yield Item(js.stem, {}, path=None)
+            continue
+        candidates = [data_dir / image_dir / info["basename"]] if info.get("basename") else []
+        candidates += [data_dir / image_dir / (js.stem + ext) for ext in IMAGE_EXTS]
+        path = next((c for c in candidates if c.is_file()), None)
+        captions = {k: str(info[k]).strip() for k in caption_keys if isinstance(info.get(k), str)}
+        yield Item(str(info.get("id", js.stem)), captions, path=str(path) if path else None)
+
+
+def shapes_items(count: int, split: str = "train", seed: int = 0, size: int = 64, texture: float = 0.0):
+    """The built-in shapes data set, rendered at pack time."""
+    from utils.data.shapes import make_sample
+    for i in range(count):
+        yield Item(f"shapes-{split}-{seed}-{i}", {"caption": make_sample(i, split, seed).caption},
+                   shapes=(i, split, seed, size, texture))
+
+
+# --- packing ----------------------------------------------------------------------------------------------------
+def _load_image(item: Item, opts: PackOptions) -> tuple[bytes, int, int, str]:
+    """(stored bytes, width, height, format); raises on unreadable images."""
+    if item.shapes is not None:
+        from utils.data.shapes import make_sample, render
+        index, split, seed, size, texture = item.shapes
+        img = render(make_sample(index, split, seed), size, texture, seed=index)
+        original = None
+    else:
+        if item.path is None or not os.path.isfile(item.path):
+            raise FileNotFoundError(item.path)
+        with open(item.path, "rb") as f:
+            original = f.read()
+        img = Image.open(io.BytesIO(original))
+        img.load()
+        fmt = (img.format or "png").lower()
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    w, h = img.size
+    if opts.min_side and min(w, h) < opts.min_side:
+        raise _TooSmall(f"{w}x{h}")
+    if opts.max_side and max(w, h) > opts.max_side:
+        scale = opts.max_side / max(w, h)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+        original = None
+    if original is not None and opts.keep_original:
+        return original, img.width, img.height, fmt
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue(), img.width, img.height, "png"
+
+
+class _TooSmall(Exception):
+    pass
+
+
+def write_shard(out_dir: Path, shard_id: int, items: list[Item], opts: PackOptions) -> ShardStats:
+    """Write one shard (atomically marked complete by its .done.json)."""
+    name = f"shard-{shard_id:05d}"
+    path = out_dir / name
+    stats = ShardStats()
+    sizes = []
+    if path.exists():  # an unfinished earlier attempt: start the shard over
+        for f in path.iterdir():
+            f.unlink()
+    env = lmdb.open(str(path), map_size=int(opts.map_size_gb * 2 ** 30), subdir=True, meminit=False)
+    try:
+        txn = env.begin(write=True)
+        for item in items:
+            captions = {k: v for k, v in item.captions.items() if v}
+            if not captions:
+                stats.skipped["missing caption"] += 1
+                continue
+            try:
+                data, w, h, fmt = _load_image(item, opts)
+            except _TooSmall:
+                stats.skipped["too small"] += 1
+                continue
+            except FileNotFoundError:
+                stats.skipped["missing image"] += 1
+                continue
+            except Exception:  # PIL raises many types for corrupt files
+                stats.skipped["unreadable image"] += 1
+                continue
+            header = {"key": item.key, "captions": captions, "width": w, "height": h, "format": fmt}
+            txn.put(record_key(stats.packed), encode_record(header, data))
+            sizes.append([w, h])
+            stats.packed += 1
+            if stats.packed % 1000 == 0:  # keep transactions small
+                txn.commit()
+                txn = env.begin(write=True)
+        txn.put(META_KEY, json.dumps({"format": FORMAT, "count": stats.packed}).encode())
+        txn.commit()
+        env.sync()
+    finally:
+        env.close()
+    (out_dir / f"{name}.index.json").write_text(json.dumps(sizes))
+    done = {"packed": stats.packed, "skipped": dict(stats.skipped), "inputs": len(items)}
+    tmp = out_dir / f".{name}.done.json.tmp"
+    tmp.write_text(json.dumps(done))
+    os.replace(tmp, out_dir / f"{name}.done.json")
+    return stats
+
+
+def _shard_job(args):
+    out_dir, shard_id, items, opts = args
+    return shard_id, write_shard(out_dir, shard_id, items, opts)
+
+
+def pack(items: Iterator[Item], out_dir: str | Path, opts: PackOptions, progress=None) -> dict:
+    """Pack all items; returns a summary {packed, skipped: {reason: n}, shards, reused_shards}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total, reused = ShardStats(), 0
+
+    def jobs():
+        nonlocal reused
+        it, shard_id = iter(items), 0
+        while chunk := list(islice(it, opts.shard_size)):
+            done = out_dir / f"shard-{shard_id:05d}.done.json"
+            if done.is_file():  # resumable: finished shards are kept
+                info = json.loads(done.read_text())
+                total.packed += info["packed"]
+                total.skipped.update(info["skipped"])
+                reused += 1
+                if progress:
+                    progress(len(chunk))
+            else:
+                yield out_dir, shard_id, chunk, opts
+            shard_id += 1
+
+    def account(stats: ShardStats, n_inputs: int):
+        total.packed += stats.packed
+        total.skipped.update(stats.skipped)
+        if progress:
+            progress(n_inputs)
+
+    shards = 0
+    if opts.workers <= 1:
+        for job in jobs():
+            account(_shard_job(job)[1], len(job[2]))
+            shards += 1
+    else:
+        with get_context("spawn").Pool(opts.workers) as pool:
+            pending = jobs()
+            sizes = {}
+
+            def tracked():
+                for job in pending:
+                    sizes[job[1]] = len(job[2])
+                    yield job
+
+            for shard_id, stats in pool.imap_unordered(_shard_job, tracked()):
+                account(stats, sizes.pop(shard_id))
+                shards += 1
+    return {"packed": total.packed, "skipped": dict(total.skipped), "shards_written": shards,
+            "shards_reused": reused}

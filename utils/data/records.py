@@ -1,0 +1,123 @@
+"""LMDB shards of image-caption records: our format, and a reader for the official packs.
+
+Our format (one directory per shard, written by ``test_pack.py``):
+    <out>/shard-00000/            an LMDB environment (data.mdb, lock.mdb)
+        key b"00000000", b"00000001", ...   value = record (below)
+        key b"__meta__"                      JSON {"format": "star-lmdb-v1", "count": N}
+    <out>/shard-00000.index.json  [[width, height], ...] per record (filters without opening images)
+    <out>/shard-00000.done.json   written last: the shard is complete (re-runs skip it) + its statistics
+Record = 4-byte little-endian header length | UTF-8 JSON header | image bytes, where the header is
+    {"key": source id, "captions": {field: text, ...}, "width": w, "height": h, "format": "png" | "jpeg" | ...}.
+Nothing is pickled.
+
+Official packs (STAR's lmdbdict): an LMDB file ``<name>`` (+ ``<name>-lock``) whose keys and values are pickled
+str / PNG bytes, a pickled ``__keys__`` list, and ``<name>-info.json`` {key: source JSON with captions, height,
+width}. They are read with an unpickler that refuses every global (plain str/bytes/list only).
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import lmdb
+
+FORMAT = "star-lmdb-v1"
+META_KEY = b"__meta__"
+
+
+def encode_record(header: dict, image_bytes: bytes) -> bytes:
+    h = json.dumps(header, ensure_ascii=False).encode()
+    return struct.pack("<I", len(h)) + h + image_bytes
+
+
+def decode_record(value: bytes) -> tuple[dict, bytes]:
+    if len(value) < 4:
+        raise ValueError("record too short")
+    (n,) = struct.unpack("<I", value[:4])
+    if 4 + n > len(value):
+        raise ValueError("record header length exceeds the record")
+    return json.loads(value[4:4 + n].decode()), value[4 + n:]
+
+
+def record_key(i: int) -> bytes:
+    return b"%08d" % i
+
+
+def open_readonly(path: str | Path, subdir: bool = True) -> lmdb.Environment:
+    """Read-only, lock-free, no readahead: many processes and DataLoader workers read concurrently."""
+    return lmdb.open(str(path), subdir=subdir, readonly=True, lock=False, readahead=False, meminit=False,
+                     max_readers=512)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):  # official packs hold str / bytes / list only
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an official LMDB pack")
+
+
+def safe_unpickle(data: bytes):
+    return _PlainUnpickler(io.BytesIO(data)).load()
+
+
+class Shard:
+    """One shard of either format: ``len()``, ``sizes`` [(w, h)], ``read(i) -> (header, image bytes)``.
+    The LMDB environment opens lazily (after DataLoader workers fork) and reopens in a new process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._env, self._pid = None, None
+        if (self.path.parent / f"{self.path.name}.index.json").is_file():  # ours
+            self.official = False
+            self.sizes = [tuple(s) for s in json.loads((self.path.parent / f"{self.path.name}.index.json").read_text())]
+        else:
+            info_path = self.path.parent / f"{self.path.name}-info.json"
+            if not info_path.is_file():
+                raise FileNotFoundError(f"{self.path}: neither a star shard (.index.json) nor an official pack "
+                                        f"(-info.json)")
+            self.official = True
+            self.info = json.loads(info_path.read_text())
+            self.keys = list(self.info)
+            self.sizes = [(int(v.get("width", 0)), int(v.get("height", 0))) for v in self.info.values()]
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def env(self) -> lmdb.Environment:
+        import os
+        if self._env is None or self._pid != os.getpid():
+            self._env, self._pid = open_readonly(self.path, subdir=not self.official), os.getpid()
+        return self._env
+
+    def read(self, i: int) -> tuple[dict, bytes]:
+        with self.env.begin(buffers=False) as txn:
+            if not self.official:
+                value = txn.get(record_key(i))
+                if value is None:
+                    raise KeyError(f"{self.path}: record {i} missing")
+                return decode_record(value)
+            key = self.keys[i]
+            value = None
+            for protocol in (4, 3):
+                value = txn.get(pickle.dumps(key, protocol=protocol))
+                if value is not None:
+                    break
+            if value is None:
+                raise KeyError(f"{self.path}: key {key!r} missing")
+            info = self.info[key]
+            captions = {k: v for k, v in info.items() if isinstance(v, str) and k not in ("id", "basename")}
+            return {"key": key, "captions": captions, "width": info.get("width"), "height": info.get("height"),
+                    "format": "png"}, safe_unpickle(value)
+
+
+def find_shards(root: str | Path) -> list[Path]:
+    """All complete shards under ``root`` (ours: with a .done.json; official: with -info.json and -lock)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"LMDB directory not found: {root}")
+    ours = sorted(p.parent / p.name[: -len(".done.json")] for p in root.glob("*.done.json"))
+    official = sorted(p.parent / p.name[: -len("-info.json")] for p in root.glob("*-info.json")
+                      if (p.parent / p.name[: -len("-info.json")]).is_file())
+    return ours + official
