@@ -118,3 +118,18 @@ def test_minilm_backend_is_pretrained_and_offline():
     assert hidden.shape == (3, 77, 384) and enc.dim == 384 and mask[2].sum() == 2  # [CLS] [SEP]
     sim = torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=0)
     assert 0.0 < sim < 0.99
+
+
+def test_cache_text_script_covers_packed_captions(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    from utils.data.pack import PackOptions, pack, shapes_items
+    pack(shapes_items(30), tmp_path / "data", PackOptions(shard_size=16))
+    cmd = [sys.executable, str(REPO / "scripts" / "cache_text.py"), "--data", str(tmp_path / "data"),
+           "--encoder", "tiny", "--cache", str(tmp_path / "cache")]
+    first = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    second = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    assert first["entries"] == first["captions"] == first["newly_encoded"] and second["newly_encoded"] == 0
