@@ -138,6 +138,8 @@ class STAR(nn.Module):
             self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))
         self.word_embed = nn.Linear(cfg.z_channels, C)
         self.class_emb = nn.Embedding(1001, C) if cfg.legacy_class_emb else None  # unused; kept for loading
+        if self.class_emb is not None:
+            self.class_emb.weight.requires_grad_(False)  # never in the graph: no optimizer state, no DDP error
         self.lvl_embed = nn.Embedding(S, C)
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linspace(0, rate, depth)
         self.blocks = nn.ModuleList([Block(cfg, dpr[i], cfg.cross_attn) for i in range(cfg.depth)])

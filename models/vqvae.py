@@ -234,10 +234,11 @@ class VQVAE(nn.Module):
         return self.fhat_to_img(f_hats[-1])
 
     # --- VQ-VAE training --------------------------------------------------------------------------------------
-    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction in [-1,1] unclamped, VQ loss, codebook hits per scale)."""
-        f_hat, vq_loss, hits = self.quantize(self.encode(img))
-        return self.decoder(self.post_quant_conv(f_hat)), vq_loss, hits
+    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction in [-1,1] unclamped, VQ loss, codebook hits per scale (S, V), latent f)."""
+        f = self.encode(img)
+        f_hat, vq_loss, hits = self.quantize(f)
+        return self.decoder(self.post_quant_conv(f_hat)), vq_loss, hits, f
 
     # --- loading ----------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

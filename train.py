@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Train a VQ-VAE or a STAR transformer from a JSON config.
+
+    python train.py --config=configs/shapes_vqvae.json [--section.key=value ...]
+    torchrun --nproc_per_node=8 train.py --config=configs/star_d16_256.json --data.lmdb_dirs=[...]
+    python -m torch.distributed.launch --nproc_per_node=8 train.py --config=...   (legacy form also works)
+
+The stage ("vqvae" or "star") comes from the config. Re-running the same command resumes from the newest
+valid checkpoint in loop.out_dir (loop.resume=auto).
+"""
+import sys
+
+import torch
+
+from trainer.config import RunConfig
+from trainer.loop import train
+from utils import dist
+from utils.config import ConfigError, load_config
+from utils.data.dataset import ImageTransform, LMDBImageTextDataset, ShapesDataset
+
+
+def parse_args(argv: list[str]) -> RunConfig:
+    config_path, overrides = None, []
+    for arg in argv:
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg in ("-h", "--help"):
+            print(__doc__)
+            sys.exit(0)
+        else:
+            overrides.append(arg)
+    return load_config(RunConfig, config_path, overrides)
+
+
+def build_dataset(cfg: RunConfig, resolution: int):
+    d = cfg.data
+    transform = ImageTransform(resolution, random_crop=d.random_crop, hflip=d.hflip)
+    if d.source == "shapes":
+        return ShapesDataset(d.shapes_count, transform, "train", d.shapes_seed, d.shapes_texture, d.caption_dropout,
+                             seed=cfg.loop.seed)
+    return LMDBImageTextDataset(d.lmdb_dirs, transform, tuple(d.caption_keys) if d.caption_keys else None,
+                                d.caption_dropout, d.min_side, d.max_aspect, seed=cfg.loop.seed)
+
+
+def main(argv: list[str]) -> int:
+    device = dist.init_distributed(argv)  # consumes the legacy --local-rank argument
+    try:
+        cfg = parse_args(argv[1:])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(cfg.loop.seed)  # same initial weights on every rank
+    if cfg.stage == "vqvae":
+        from trainer.vqvae_stage import VQVAEStage
+        stage, resolution = VQVAEStage(cfg), cfg.vqvae.image_size
+    else:
+        from trainer.star_stage import StarStage
+        stage = StarStage(cfg, device)
+        resolution = stage.resolution
+    train(cfg, stage, build_dataset(cfg, resolution), device)
+    dist.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

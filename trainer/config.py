@@ -1,0 +1,122 @@
+"""The training run's typed configuration (one JSON file in ``configs/`` + ``--section.key=value`` overrides)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.star import StarConfig
+from models.vqvae import VQVAEConfig
+from utils.config import ConfigError
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"                 # "shapes" (rendered on the fly) or "lmdb" (packed shards)
+    lmdb_dirs: list[str] = field(default_factory=list)
+    shapes_count: int = 20000              # shapes: number of distinct training samples
+    shapes_seed: int = 0
+    shapes_texture: float = 0.0
+    caption_keys: list[str] | None = None  # caption fields to choose from (None: all)
+    caption_dropout: float = 0.1           # probability of the "" prompt (classifier-free guidance)
+    random_crop: float = 0.0
+    hflip: bool = False
+    min_side: int = 0
+    max_aspect: float = 0.0
+    workers: int = 0
+
+    def validate(self) -> None:
+        if self.source not in ("shapes", "lmdb"):
+            raise ConfigError(f"data.source must be 'shapes' or 'lmdb', got {self.source!r}")
+        if self.source == "lmdb" and not self.lmdb_dirs:
+            raise ConfigError("data.source='lmdb' needs data.lmdb_dirs (folders written by test_pack.py)")
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "tiny"                  # hf-clip | open_clip | t5 | tiny | minilm
+    path: str | None = None                # local weights folder/file for hf-clip, open_clip, t5
+    cache_dir: str | None = None           # caption-embedding cache (LMDB); None: encode every step
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    schedule: str = "lin0"                 # lin0 (official) | cosine | constant
+    warmup_steps: int = 0
+    warmup_start: float = 0.005            # LR fraction at step 0 (official wp0)
+    end_lr: float = 0.01                   # final LR fraction (official wpe)
+    grad_clip: float = 2.0                 # 0: no clipping
+    grad_accum: int = 1
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0                 # 0: no EMA of weights
+    fused: bool = False                    # fused AdamW (CUDA)
+
+    def validate(self) -> None:
+        if self.schedule not in ("lin0", "cosine", "constant"):
+            raise ConfigError(f"optim.schedule must be lin0, cosine or constant, got {self.schedule!r}")
+        if self.grad_accum < 1:
+            raise ConfigError("optim.grad_accum must be >= 1")
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 1000                      # optimizer steps
+    batch_size: int = 32                   # global batch per optimizer step (over ranks and accumulation)
+    precision: str = "fp32"                # fp32 | fp16 (GradScaler) | bf16
+    compile: bool = False                  # torch.compile the trained model
+    seed: int = 0
+    out_dir: str = "outputs/run"
+    resume: str = "auto"                   # auto: newest valid checkpoint in out_dir; "": start fresh; or a path
+    init_from: str | None = None           # weights to start from (e.g. a lower-resolution run)
+    ckpt_every: int = 500
+    keep_last: int = 2
+    log_every: int = 20
+    sample_every: int = 0                  # 0: no periodic samples
+    max_nonfinite: int = 20                # stop after this many non-finite losses in a row
+
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"loop.precision must be fp32, fp16 or bf16, got {self.precision!r}")
+
+
+@dataclass
+class VQVAETrainConfig:
+    recon: str = "l1"                      # l1 | l2
+    vq_weight: float = 1.0
+    restart_dead_every: int = 100          # 0: never; else re-seed unused codes from the batch's latents
+    dead_threshold: float = 0.03           # an entry is dead when its usage EMA falls below this
+
+
+@dataclass
+class StarTrainConfig:
+    vqvae: str = ""                        # our checkpoint dir (vqvae.safetensors) or VAR's .pth
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_cfg: float = 4.0
+    sample_top_k: int = 0
+    sample_top_p: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    stage: str = "star"                    # star | vqvae
+    model: StarConfig = field(default_factory=StarConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    vqvae_train: VQVAETrainConfig = field(default_factory=VQVAETrainConfig)
+    star_train: StarTrainConfig = field(default_factory=StarTrainConfig)
+
+    def validate(self) -> None:
+        if self.stage not in ("star", "vqvae"):
+            raise ConfigError(f"stage must be 'star' or 'vqvae', got {self.stage!r}")
+        if self.stage == "star" and not self.star_train.vqvae:
+            raise ConfigError("stage 'star' needs star_train.vqvae (a trained VQ-VAE checkpoint)")
+        if self.stage == "star" and tuple(self.model.patch_nums) != tuple(self.vqvae.patch_nums):
+            raise ConfigError(f"model.patch_nums {self.model.patch_nums} != vqvae.patch_nums {self.vqvae.patch_nums}")
+
+    @property
+    def resolution(self) -> int:
+        return self.vqvae.image_size

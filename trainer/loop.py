@@ -1,0 +1,239 @@
+"""The one training loop shared by every stage (VQ-VAE, STAR transformer, sampler head).
+
+A stage supplies the trained module and ``loss(batch) -> (loss, metrics)``; the loop does the rest:
+DDP (gradients synchronised on the last micro-step only), AMP (fp16 + GradScaler, bf16), accumulation,
+clipping, LR schedule, EMA, exact resume (model, EMA, optimizer, scaler, step, data position, per-rank RNG),
+atomic checkpoints with keep-last-N, non-finite loss handling, logging (console/tqdm, JSON lines, TensorBoard,
+loss-curve PNG) and periodic samples.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from trainer.config import RunConfig
+from trainer.optim import EMA, build_optimizer, lr_factor
+from trainer.state import find_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils import dist
+from utils.config import to_dict
+from utils.data.dataset import DistributedResumableSampler
+from utils.logging import get_logger
+
+
+class Stage(Protocol):
+    model: nn.Module                     # the trained module (wrapped in DDP by the loop)
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def after_step(self, step: int, metrics: dict) -> None: ...
+
+    def sample(self, step: int, out_dir: Path, writer) -> None: ...
+
+    def export(self, out_dir: Path, ema_state: dict | None) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) -> dict:
+    """Run (or resume) training; returns the final metrics. ``dataset`` items are dicts with ``image``/``caption``."""
+    loop, optim_cfg = cfg.loop, cfg.optim
+    out_dir = Path(loop.out_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    log = get_logger("star", out_dir / "train.log" if rank == 0 else None)
+    per_step = loop.batch_size // (world * optim_cfg.grad_accum)
+    if per_step * world * optim_cfg.grad_accum != loop.batch_size:
+        raise ValueError(f"loop.batch_size {loop.batch_size} must be divisible by world size {world} x "
+                         f"grad_accum {optim_cfg.grad_accum}")
+
+    model = stage.model.to(device)
+    trained: nn.Module = model
+    if loop.compile:
+        trained = torch.compile(model)
+    if world > 1:
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None,
+                                                      broadcast_buffers=False)
+    optimizer = build_optimizer(model, optim_cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=loop.precision == "fp16", init_scale=2.0 ** 11)
+    ema = EMA(model, optim_cfg.ema_decay) if optim_cfg.ema_decay > 0 else None
+
+    # --- resume -----------------------------------------------------------------------------------------------
+    step, epoch, batches_in_epoch = 0, 0, 0
+    resumed = None
+    if loop.resume == "auto":
+        resumed = find_resumable(out_dir)
+    elif loop.resume:
+        resumed = (Path(loop.resume), load_checkpoint(loop.resume))
+    if resumed is not None:
+        path, ckpt = resumed
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        step, epoch, batches_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batches_in_epoch"]
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch, batches_in_epoch)
+    else:
+        torch.manual_seed(loop.seed + rank)
+    history_path = out_dir / "log.txt"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    sampler = DistributedResumableSampler(len(dataset), rank, world, shuffle=True, seed=loop.seed)
+    batches_per_epoch = len(sampler) // per_step
+    if batches_per_epoch == 0:
+        raise ValueError(f"data set of {len(dataset)} items is smaller than one batch per rank ({per_step})")
+
+    def batches():
+        """Infinite batches from (epoch, batches_in_epoch) on, in the same order whether or not we resumed."""
+        nonlocal epoch, batches_in_epoch
+        while True:
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            sampler.set_epoch(epoch, start=batches_in_epoch * per_step)
+            # A private generator: creating the loader must not consume the global RNG (exact resume).
+            loader = DataLoader(dataset, batch_size=per_step, sampler=sampler, num_workers=cfg.data.workers,
+                                drop_last=True, generator=torch.Generator().manual_seed(loop.seed + epoch),
+                                persistent_workers=False, pin_memory=device.type == "cuda")
+            for batch in loader:
+                batches_in_epoch += 1
+                yield batch
+            epoch, batches_in_epoch = epoch + 1, 0
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out_dir / "tb"))
+
+    def checkpoint():
+        rngs = [None] * world
+        if world > 1:
+            tdist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if rank == 0:
+            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None, "step": step,
+                       "epoch": epoch, "batches_in_epoch": batches_in_epoch, "rng": rngs,
+                       "config": json.dumps(to_dict(cfg))}
+            path = save_checkpoint(out_dir, step, payload, loop.keep_last)
+            log.info("saved %s", path)
+        dist.barrier()
+
+    data = batches()
+    nonfinite_in_row, last = 0, {}
+    t_window, images_window = time.time(), 0
+    bar = tqdm(total=loop.steps, initial=step, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
+    trained.train()
+    while step < loop.steps:
+        lr = optim_cfg.lr * lr_factor(step, loop.steps, optim_cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        metrics_sum: dict[str, float] = {}
+        loss_value = 0.0
+        for micro in range(optim_cfg.grad_accum):
+            batch = next(data)
+            sync = micro == optim_cfg.grad_accum - 1
+            ctx = trained.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            with ctx:
+                with _autocast(device, loop.precision):
+                    loss, metrics = stage.loss(trained, batch)
+                scaler.scale(loss / optim_cfg.grad_accum).backward()
+            loss_value += loss.item() / optim_cfg.grad_accum
+            for k, v in metrics.items():
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + v / optim_cfg.grad_accum
+            images_window += len(batch["image"]) * world
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite_in_row += 1
+            if loop.precision == "fp16":
+                scaler.update(scaler.get_scale() / 2)
+            log.warning("non-finite loss at step %d (%d in a row); step skipped", step, nonfinite_in_row)
+            if nonfinite_in_row >= loop.max_nonfinite:
+                raise NonFiniteLossError(f"{nonfinite_in_row} non-finite losses in a row at step {step}; the last "
+                                         f"good checkpoint in {out_dir} is kept. Lower the LR or use fp32/bf16.")
+            continue
+        nonfinite_in_row = 0
+        scaler.unscale_(optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        stage.after_step(step, metrics_sum)
+        bar.update(1)
+
+        if step % loop.log_every == 0 or step == loop.steps:
+            elapsed = time.time() - t_window
+            last = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                    "images_per_s": images_window / max(elapsed, 1e-9), **metrics_sum,
+                    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+            if device.type == "cuda":
+                last["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            t_window, images_window = time.time(), 0
+            if rank == 0:
+                with open(history_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                for k, v in last.items():
+                    if k not in ("step", "epoch"):
+                        writer.add_scalar(f"train/{k}", v, step)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if loop.sample_every and step % loop.sample_every == 0 and rank == 0:
+            stage.sample(step, out_dir, writer)
+        if step % loop.ckpt_every == 0 or step == loop.steps:
+            checkpoint()
+    bar.close()
+    if rank == 0:
+        stage.export(out_dir / "final", ema.state_dict() if ema else None)
+        plot_loss_curve(history_path, out_dir / "loss_curve.png")
+        writer.close()
+    dist.barrier()
+    return last
+
+
+def plot_loss_curve(history_path: Path, png: Path) -> None:
+    """Loss (and accuracy/PSNR if logged) against step, from the JSON-lines history."""
+    if not history_path.is_file():
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    extra = next((k for k in ("acc", "psnr") if k in rows[-1]), None)
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(10 if extra else 5, 3.5), squeeze=False)
+    steps = [r["step"] for r in rows]
+    axes[0][0].plot(steps, [r["loss"] for r in rows])
+    axes[0][0].set(xlabel="step", ylabel="loss", title="training loss")
+    if extra:
+        axes[0][1].plot(steps, [r[extra] for r in rows], color="tab:orange")
+        axes[0][1].set(xlabel="step", ylabel=extra, title=extra)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+

@@ -1,0 +1,112 @@
+"""STAR transformer training step: frozen VQ-VAE tokens + frozen text features -> teacher-forced cross-entropy."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from models.checkpoint import (adapt_official_state_dict, load_official_vqvae, load_pretrained_vqvae,
+                               read_official_state_dict, save_pretrained)
+from models.star import STAR
+from models.text_cache import CachedTextEncoder
+from models.text_encoder import build_text_encoder
+from models.vqvae import VQVAE, VQVAEConfig
+from trainer.config import RunConfig
+from utils.config import to_dict
+
+
+def load_vqvae_for(path: str, patch_nums: tuple[int, ...]) -> VQVAE:
+    """A frozen VQ-VAE from our checkpoint directory or VAR's .pth, on the transformer's scale schedule."""
+    p = Path(path)
+    vae = load_pretrained_vqvae(p) if p.is_dir() else load_official_vqvae(p, VQVAEConfig(patch_nums=patch_nums))
+    if tuple(vae.cfg.patch_nums) != tuple(patch_nums):  # the schedule only changes the usage buffer
+        other = VQVAE(dataclasses.replace(vae.cfg, patch_nums=tuple(patch_nums)))
+        other.load_state_dict(vae.state_dict())
+        vae = other
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+def load_init_weights(model: STAR, path: str) -> None:
+    """Start from other weights (ours or official; e.g. a lower-resolution run: lvl_embed rows are grown)."""
+    p = Path(path)
+    state = load_file(str(p / "model.safetensors")) if p.is_dir() else read_official_state_dict(p)
+    model.load_state_dict(adapt_official_state_dict(state, model), strict=True)
+
+
+class StarStage:
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.model = STAR(cfg.model)
+        self.model.init_weights()
+        if cfg.loop.init_from:
+            load_init_weights(self.model, cfg.loop.init_from)
+        self.vqvae = load_vqvae_for(cfg.star_train.vqvae, cfg.model.patch_nums).to(device)
+        encoder = build_text_encoder(cfg.text.encoder, cfg.text.path).to(device)
+        if encoder.dim != cfg.model.text_dim:
+            raise ValueError(f"text encoder '{cfg.text.encoder}' gives {encoder.dim}-d features but model.text_dim "
+                             f"is {cfg.model.text_dim}: set --model.text_dim={encoder.dim}")
+        self.text = CachedTextEncoder(encoder, cfg.text.cache_dir) if cfg.text.cache_dir else encoder
+        self.resolution = self.vqvae.cfg.image_size
+        self.scale_of_token = torch.cat([torch.full((pn * pn,), s) for s, pn in enumerate(cfg.model.patch_nums)])
+
+    def tokens(self, img: torch.Tensor):
+        with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
+            idx = self.vqvae.img_to_idx(img.float())
+            return torch.cat(idx, dim=1), self.vqvae.idx_to_var_input(idx)
+
+    def loss(self, model: nn.Module, batch: dict):
+        img = batch["image"].to(self.device, non_blocking=True)
+        gt, var_input = self.tokens(img)
+        hidden, mask, pooled = (t.to(self.device) for t in self.text.encode(list(batch["caption"])))
+        logits, _ = model(var_input, hidden, mask, pooled)
+        V = logits.shape[-1]
+        loss = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), label_smoothing=self.cfg.optim.label_smoothing)
+        with torch.no_grad():
+            ce = F.cross_entropy(logits.reshape(-1, V).float(), gt.reshape(-1), reduction="none").view(gt.shape)
+            correct = (logits.argmax(-1) == gt).float()
+            metrics = {"acc": correct.mean().item()}
+            lvl = self.scale_of_token.to(gt.device)
+            for s in range(len(self.cfg.model.patch_nums)):
+                sel = lvl == s
+                metrics[f"loss_scale{s}"] = ce[:, sel].mean().item()
+                metrics[f"acc_scale{s}"] = correct[:, sel].mean().item()
+            metrics["tokens_per_step"] = float(gt.numel())
+        return loss, metrics
+
+    def after_step(self, step: int, metrics: dict) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 0, model: STAR | None = None) -> torch.Tensor:
+        model = model or self.model
+        sc = self.cfg.star_train
+        hidden, mask, pooled = (t.to(self.device) for t in self.text.encode(list(prompts) + [""] * len(prompts)))
+        gen = torch.Generator(self.device).manual_seed(seed)
+        return model.generate(self.vqvae, hidden, mask, pooled, cfg=sc.sample_cfg, top_k=sc.sample_top_k,
+                              top_p=sc.sample_top_p, generator=gen)
+
+    def sample(self, step: int, out_dir: Path, writer) -> None:
+        prompts = self.cfg.star_train.sample_prompts
+        if not prompts:
+            return
+        from torchvision.utils import make_grid, save_image
+        was_training = self.model.training
+        self.model.eval()
+        grid = make_grid(self.generate(prompts).cpu(), nrow=min(len(prompts), 8))
+        self.model.train(was_training)
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        save_image(grid, out_dir / "samples" / f"step_{step:08d}.png")
+        (out_dir / "samples" / "prompts.txt").write_text("\n".join(prompts))
+        writer.add_image("samples", grid, step)
+
+    def export(self, out_dir: Path, ema_state: dict | None) -> None:
+        model = self.model
+        if ema_state is not None:
+            model = STAR(self.cfg.model)
+            model.load_state_dict({**self.model.state_dict(), **ema_state})
+        save_pretrained(out_dir, star=model, vqvae=self.vqvae, extra_config={"text": to_dict(self.cfg.text)})

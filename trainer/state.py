@@ -1,0 +1,67 @@
+"""Training checkpoints: everything needed for an exact resume, written atomically, newest-valid auto-resume.
+
+One file per checkpoint, ``<out_dir>/ckpt-<step>.pt``: model, EMA, optimizer, grad scaler, step, data position,
+RNG states of every rank and the resolved config. Written by rank 0 only, via a temporary file and a rename,
+so a run killed at any moment leaves the previous checkpoints intact. Loaded with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import atomic_save
+
+log = logging.getLogger("star")
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of checkpoint files, newest first."""
+    out = []
+    for p in Path(out_dir).glob("ckpt-*.pt"):
+        m = _NAME.match(p.name)
+        if m:
+            out.append((int(m[1]), p))
+    return sorted(out, reverse=True)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, payload: dict, keep_last: int) -> Path:
+    path = checkpoint_path(out_dir, step)
+    atomic_save(lambda tmp: torch.save(payload, tmp), path)
+    for _, old in list_checkpoints(out_dir)[keep_last:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_resumable(out_dir: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; corrupt or truncated ones are skipped with a warning."""
+    for _, path in list_checkpoints(out_dir):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as e:
+            log.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(e).__name__, e)
+    return None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

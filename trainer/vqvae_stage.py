@@ -1,0 +1,88 @@
+"""VQ-VAE training step: reconstruction + multi-scale VQ losses, codebook usage tracking, dead-code restart."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+
+from models.checkpoint import save_pretrained
+from models.vqvae import VQVAE
+from trainer.config import RunConfig
+from utils import dist
+
+
+def psnr(rec: torch.Tensor, img: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (computed on [0, 1])."""
+    mse = ((rec.clamp(-1, 1) - img) / 2).pow(2).mean().item()
+    return 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-10))).item()
+
+
+class VQVAEStage:
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.tcfg = cfg, cfg.vqvae_train
+        self.model = VQVAE(cfg.vqvae)
+        self._latents = None
+        self._fixed_batch = None
+
+    def loss(self, model: nn.Module, batch: dict):
+        img = batch["image"].to(next(self.model.parameters()).device, non_blocking=True)
+        rec, vq_loss, hits, f = model(img)
+        rec = rec.float()
+        recon = F.l1_loss(rec, img) if self.tcfg.recon == "l1" else F.mse_loss(rec, img)
+        loss = recon + self.tcfg.vq_weight * vq_loss
+        with torch.no_grad():
+            q = self.model.quantize
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                tdist.all_reduce(hits)
+            share = hits / hits.sum(1, keepdim=True).clamp_min(1) * q.vocab_size  # 1.0 = uniform usage
+            q.ema_vocab_hit_SV.mul_(0.99).add_(share, alpha=0.01)
+            self._latents = f.detach().float()
+            metrics = {"recon": recon.item(), "vq": vq_loss.item(), "psnr": psnr(rec, img)}
+            used = (q.ema_vocab_hit_SV > self.tcfg.dead_threshold).float().mean(1)
+            metrics.update({f"usage_scale{s}": u.item() for s, u in enumerate(used)})
+        if self._fixed_batch is None:
+            self._fixed_batch = img[:8].detach().cpu()
+        return loss, metrics
+
+    @torch.no_grad()
+    def after_step(self, step: int, metrics: dict) -> None:
+        every = self.tcfg.restart_dead_every
+        if not every or step % every or self._latents is None:
+            return
+        q = self.model.quantize
+        usage = q.ema_vocab_hit_SV.sum(0)  # over scales: a code is dead if no scale uses it
+        dead = (usage < self.tcfg.dead_threshold).nonzero().flatten()
+        if len(dead):
+            pool = self._latents.permute(0, 2, 3, 1).reshape(-1, q.z_channels)
+            pick = pool[torch.randint(len(pool), (len(dead),), device=pool.device)]
+            q.embedding.weight[dead] = pick + 0.01 * pick.std() * torch.randn_like(pick)
+            q.ema_vocab_hit_SV[:, dead] = 1.0  # give restarted codes a grace period
+        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank keeps rank 0's codebook
+            tdist.broadcast(q.embedding.weight.data, 0)
+            tdist.broadcast(q.ema_vocab_hit_SV, 0)
+        metrics["restarted_codes"] = float(len(dead))
+
+    @torch.no_grad()
+    def sample(self, step: int, out_dir: Path, writer) -> None:
+        if self._fixed_batch is None:
+            return
+        from torchvision.utils import make_grid, save_image
+        was_training = self.model.training
+        self.model.eval()
+        img = self._fixed_batch.to(next(self.model.parameters()).device)
+        rec = self.model.idx_to_img(self.model.img_to_idx(img))
+        grid = make_grid(torch.cat([img, rec]).add(1).div(2).clamp(0, 1).cpu(), nrow=len(img))
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        save_image(grid, out_dir / "samples" / f"recon_{step:08d}.png")
+        writer.add_image("reconstructions", grid, step)
+        self.model.train(was_training)
+
+    def export(self, out_dir: Path, ema_state: dict | None) -> None:
+        model = self.model
+        if ema_state is not None:
+            model = VQVAE(self.cfg.vqvae)
+            model.load_state_dict({**self.model.state_dict(), **ema_state})
+        save_pretrained(out_dir, vqvae=model)
