@@ -95,6 +95,16 @@ class StarTrainConfig:
     sample_cfg: float = 4.0
     sample_top_k: int = 0
     sample_top_p: float = 0.0
+    # Token dropping for high resolutions (loss averaged over the kept tokens):
+    token_drop: str = "none"               # none | window (paper: one local window, nested across scales) | random
+    drop_from_scale: int = -2              # scales with index >= this are cropped (negative: from the end)
+    keep_fraction: float = 0.5             # window: side fraction kept; random: token fraction kept
+
+    def validate(self) -> None:
+        if self.token_drop not in ("none", "window", "random"):
+            raise ConfigError(f"star_train.token_drop must be none, window or random, got {self.token_drop!r}")
+        if not 0 < self.keep_fraction <= 1:
+            raise ConfigError("star_train.keep_fraction must be in (0, 1]")
 
 
 @dataclass

@@ -59,18 +59,51 @@ class StarStage:
             idx = self.vqvae.img_to_idx(img.float())
             return torch.cat(idx, dim=1), self.vqvae.idx_to_var_input(idx)
 
+    def keep_mask(self) -> torch.Tensor | None:
+        """Which tokens this step trains on (None: all). Drawn from the global RNG, which checkpoints restore.
+
+        window: one square window per cropped scale, side keep_fraction * pn, at the same relative position on
+        every cropped scale (so the windows are nested, as the scales are aligned); random: a random subset.
+        """
+        sc, pns = self.cfg.star_train, self.cfg.model.patch_nums
+        if sc.token_drop == "none":
+            return None
+        first = sc.drop_from_scale % len(pns)
+        keep = self.scale_of_token < first
+        begin = sum(pn * pn for pn in pns[:first])
+        if sc.token_drop == "random":
+            n = len(keep) - begin
+            chosen = torch.randperm(n)[: max(1, round(n * sc.keep_fraction))]
+            keep[begin + chosen] = True
+            return keep
+        u, v = torch.rand(2).tolist()  # relative top-left of the window
+        for pn in pns[first:]:
+            side = max(1, round(pn * sc.keep_fraction))
+            r0, c0 = round(u * (pn - side)), round(v * (pn - side))
+            grid = torch.zeros(pn, pn, dtype=torch.bool)
+            grid[r0:r0 + side, c0:c0 + side] = True
+            keep[begin:begin + pn * pn] = grid.flatten()
+            begin += pn * pn
+        return keep
+
     def loss(self, model: nn.Module, batch: dict):
         img = batch["image"].to(self.device, non_blocking=True)
         gt, var_input = self.tokens(img)
         hidden, mask, pooled = (t.to(self.device) for t in self.text.encode(list(batch["caption"])))
-        logits, _ = model(var_input, hidden, mask, pooled)
+        keep = self.keep_mask()
+        if keep is None:
+            logits, _ = model(var_input, hidden, mask, pooled)
+            lvl = self.scale_of_token.to(gt.device)
+        else:
+            keep = keep.to(gt.device)
+            logits, _ = model(var_input, hidden, mask, pooled, keep=keep)
+            gt, lvl = gt[:, keep], self.scale_of_token.to(gt.device)[keep]
         V = logits.shape[-1]
         loss = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), label_smoothing=self.cfg.optim.label_smoothing)
         with torch.no_grad():
             ce = F.cross_entropy(logits.reshape(-1, V).float(), gt.reshape(-1), reduction="none").view(gt.shape)
             correct = (logits.argmax(-1) == gt).float()
             metrics = {"acc": correct.mean().item()}
-            lvl = self.scale_of_token.to(gt.device)
             for s in range(len(self.cfg.model.patch_nums)):
                 sel = lvl == s
                 metrics[f"loss_scale{s}"] = ce[:, sel].mean().item()

@@ -1,0 +1,44 @@
+"""Token dropping for high-resolution training: nested windows / random subsets, loss over kept tokens only."""
+import torch
+
+from tests.train_helpers import make_vqvae_dir, star_overrides
+from trainer.config import RunConfig
+from trainer.star_stage import StarStage
+from utils.config import load_config
+
+
+def _stage(tmp_path, **extra):
+    args = star_overrides(tmp_path / "run", make_vqvae_dir(tmp_path / "vq"), **{"model.patch_nums": "[1,2,4]",
+                                                                                 "model.drop_path_rate": 0.0, **extra})
+    return StarStage(load_config(RunConfig, None, args), torch.device("cpu"))
+
+
+def test_window_drop_keeps_nested_windows_and_early_scales(tmp_path):
+    stage = _stage(tmp_path, **{"star_train.token_drop": "window", "star_train.drop_from_scale": -2,
+                                "star_train.keep_fraction": 0.5})
+    torch.manual_seed(0)
+    keep = stage.keep_mask()
+    # scales 0 (1 token) kept; scale 1 (2x2) keeps a 1x1 window; scale 2 (4x4) keeps a 2x2 window
+    assert keep[:1].all() and keep[1:5].sum() == 1 and keep[5:].sum() == 4
+    r1 = int(keep[1:5].nonzero()) // 2
+    rows2 = sorted({int(i) // 4 for i in keep[5:].nonzero()})
+    assert len(rows2) == 2 and (rows2[0] // 2 == r1 or rows2[1] // 2 == r1)  # windows overlap across scales
+
+
+def test_loss_is_averaged_over_kept_tokens_and_early_logits_are_unchanged(tmp_path):
+    stage = _stage(tmp_path, **{"star_train.token_drop": "random", "star_train.drop_from_scale": 2,
+                                "star_train.keep_fraction": 0.25})
+    img = torch.rand(2, 3, 8, 8) * 2 - 1
+    batch = {"image": img, "caption": ["a red circle at the top left", ""]}
+    torch.manual_seed(1)
+    loss, metrics = stage.loss(stage.model, batch)
+    torch.manual_seed(1)
+    keep = stage.keep_mask()
+    assert keep.sum() == 5 + 4  # scales 0-1 (5 tokens) + 4 of the 16 last-scale tokens
+    gt, var_input = stage.tokens(img)
+    text = stage.text.encode(batch["caption"])
+    full, _ = stage.model(var_input, *text)
+    dropped, _ = stage.model(var_input, *text, keep=keep)
+    assert torch.allclose(dropped[:, :5], full[:, :5], atol=1e-6)  # block-causal: early scales see no dropped token
+    ce = torch.nn.functional.cross_entropy(dropped.flatten(0, 1), gt[:, keep].flatten())
+    assert torch.allclose(loss, ce) and metrics["tokens_per_step"] == 2 * 9
