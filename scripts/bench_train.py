@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Benchmark one STAR training step (forward, backward, clip, AdamW) with random weights and tokens.
+
+    python scripts/bench_train.py --size star-d16 --resolution 256 --batch 4 --repeats 3 --threads 2
+
+VQ-VAE encoding and text encoding are excluded (as the official reference timing); the inputs are random
+teacher-forcing maps and text features. Prints one JSON object with ``seconds_median`` per step.
+"""
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from models import build_star, star_config  # noqa: E402
+from trainer.config import OptimConfig  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="star-d16")
+    p.add_argument("--resolution", default="256")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--cfg", type=float, default=0.0, help="unused for training (kept for a uniform CLI)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(0)
+    cfg = star_config(args.size, None if args.size == "star-tiny" else args.resolution)
+    model = build_star(cfg).to(device).train()
+    trained = torch.compile(model) if args.compile else model
+    opt = build_optimizer(model, OptimConfig(fused=device.type == "cuda"))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    B, L, T = args.batch, cfg.seq_len, 77
+    var_input = torch.randn(B, L - 1, cfg.z_channels, device=device)
+    gt = torch.randint(cfg.vocab_size, (B, L), device=device)
+    hidden = torch.randn(B, T, cfg.text_dim, device=device)
+    mask = torch.ones(B, T, dtype=torch.long, device=device)
+    pooled = torch.randn(B, cfg.text_dim, device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits, _ = trained(var_input, hidden, mask, pooled)
+            loss = F.cross_entropy(logits.flatten(0, 1), gt.flatten())
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    times = []
+    for _ in range(args.repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times[1:])
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out = {"size": args.size, "resolution": args.resolution, "batch": B, "dtype": args.dtype, "device": str(device),
+           "threads": torch.get_num_threads(), "compile": args.compile, "repeats": args.repeats,
+           "seconds_median": sec, "seconds_all": times[1:], "images_per_s": B / sec, "tokens_per_s": B * L / sec,
+           "approx_flops_6ND": 6 * params * B * L, "gflops_per_s_6ND": 6 * params * B * L / sec / 1e9,
+           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "torch": torch.__version__}
+    if device.type == "cuda":
+        out["peak_cuda_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
