@@ -107,3 +107,24 @@ def test_vqvae_stage_trains_and_resumes(tmp_path):
 def test_config_errors_are_reported(tmp_path):
     res = run_train(["--stage=star", "--loop.stpes=3"])
     assert res.returncode == 2 and "Did you mean 'steps'" in res.stderr
+
+
+def test_perceptual_loss_from_local_files(tmp_path):
+    """Random stand-in weight files of the right layout: zero for identical images, positive and
+    differentiable otherwise; the VQ-VAE stage adds it when configured."""
+    from torchvision.models import vgg16
+
+    from trainer.perceptual import PerceptualLoss
+    torch.manual_seed(0)
+    torch.save(vgg16().state_dict(), tmp_path / "vgg16.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
+               tmp_path / "lin.pth")
+    loss = PerceptualLoss(tmp_path / "vgg16.pth", tmp_path / "lin.pth")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).requires_grad_()
+    assert loss(x, x).item() == 0.0
+    d = loss(x, y)
+    d.backward()
+    assert d.item() > 0 and y.grad.abs().sum() > 0
+    with pytest.raises(FileNotFoundError, match="perceptual loss weights not found"):
+        PerceptualLoss(tmp_path / "missing.pth", tmp_path / "lin.pth")

@@ -84,8 +84,19 @@ class LoopConfig:
 class VQVAETrainConfig:
     recon: str = "l1"                      # l1 | l2
     vq_weight: float = 1.0
+    perceptual_weight: float = 0.0         # > 0: LPIPS-style loss; needs the two local weight files below
+    perceptual_vgg: str | None = None      # torchvision's vgg16-397923af.pth
+    perceptual_lin: str | None = None      # the lpips package's vgg.pth (linear heads)
     restart_dead_every: int = 100          # 0: never; else re-seed unused codes from the batch's latents
     dead_threshold: float = 0.03           # an entry is dead when its usage EMA falls below this
+
+
+    def validate(self) -> None:
+        if self.recon not in ("l1", "l2"):
+            raise ConfigError(f"vqvae_train.recon must be l1 or l2, got {self.recon!r}")
+        if self.perceptual_weight > 0 and not (self.perceptual_vgg and self.perceptual_lin):
+            raise ConfigError("vqvae_train.perceptual_weight > 0 needs vqvae_train.perceptual_vgg and "
+                              "vqvae_train.perceptual_lin (local weight files)")
 
 
 @dataclass

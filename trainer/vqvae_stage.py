@@ -29,6 +29,10 @@ class VQVAEStage:
             p = Path(cfg.loop.init_from)
             state = load_file(str(p / "vqvae.safetensors")) if p.is_dir() else read_official_state_dict(p)
             self.model.load_state_dict(state, strict=True)
+        self.perceptual = None
+        if self.tcfg.perceptual_weight > 0:
+            from trainer.perceptual import PerceptualLoss
+            self.perceptual = PerceptualLoss(self.tcfg.perceptual_vgg, self.tcfg.perceptual_lin)
         self._latents = None
         self._fixed_batch = None
 
@@ -38,6 +42,10 @@ class VQVAEStage:
         rec = rec.float()
         recon = F.l1_loss(rec, img) if self.tcfg.recon == "l1" else F.mse_loss(rec, img)
         loss = recon + self.tcfg.vq_weight * vq_loss
+        perceptual = None
+        if self.perceptual is not None:
+            perceptual = self.perceptual.to(img.device)(rec, img)
+            loss = loss + self.tcfg.perceptual_weight * perceptual
         with torch.no_grad():
             q = self.model.quantize
             if dist.is_initialized() and dist.get_world_size() > 1:
@@ -46,6 +54,8 @@ class VQVAEStage:
             q.ema_vocab_hit_SV.mul_(0.99).add_(share, alpha=0.01)
             self._latents = f.detach().float()
             metrics = {"recon": recon.item(), "vq": vq_loss.item(), "psnr": psnr(rec, img)}
+            if perceptual is not None:
+                metrics["perceptual"] = perceptual.item()
             used = (q.ema_vocab_hit_SV > self.tcfg.dead_threshold).float().mean(1)
             metrics.update({f"usage_scale{s}": u.item() for s, u in enumerate(used)})
         if self._fixed_batch is None:
