@@ -87,14 +87,17 @@ def test_star_loss_decreases_and_logs(tmp_path, vqvae_dir):
 def test_vqvae_stage_trains_and_resumes(tmp_path):
     base = ["--stage=vqvae", "--vqvae.vocab_size=32", "--vqvae.z_channels=8", "--vqvae.ch=32", "--vqvae.ch_mult=[1,2]",
             "--vqvae.patch_nums=[1,2,4]", "--data.shapes_count=64", "--loop.batch_size=8", "--optim.lr=2e-3",
+            "--vqvae_train.disc_weight=0.1", "--vqvae_train.disc_start=4",
             "--optim.weight_decay=0", "--loop.log_every=2", "--vqvae_train.restart_dead_every=4", "--loop.keep_last=3"]
     full = run_train(base + [f"--loop.out_dir={tmp_path / 'a'}", "--loop.steps=16", "--loop.ckpt_every=8",
                              "--loop.sample_every=16"])
     assert full.returncode == 0, full.stderr[-3000:]
     rows = history(tmp_path / "a")
     assert rows[-1]["recon"] < rows[0]["recon"] and "usage_scale2" in rows[-1] and "psnr" in rows[-1]
+    assert "gan_d" in rows[-1] and "gan_d" not in rows[0]  # the discriminator starts at step 4
     assert (tmp_path / "a" / "samples" / "recon_00000016.png").is_file()
-    # resume: a run stopped at step 8 (as if killed) and continued gives the same weights
+    # resume: a run stopped at step 8 (as if killed) and continued gives the same weights (discriminator and
+    # its optimizer included)
     import shutil
     (tmp_path / "b").mkdir()
     shutil.copy(tmp_path / "a" / "ckpt-00000008.pt", tmp_path / "b" / "ckpt-00000008.pt")

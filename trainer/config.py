@@ -87,6 +87,9 @@ class VQVAETrainConfig:
     perceptual_weight: float = 0.0         # > 0: LPIPS-style loss; needs the two local weight files below
     perceptual_vgg: str | None = None      # torchvision's vgg16-397923af.pth
     perceptual_lin: str | None = None      # the lpips package's vgg.pth (linear heads)
+    disc_weight: float = 0.0               # > 0: patch discriminator (hinge GAN) from step disc_start on
+    disc_start: int = 0
+    disc_lr: float = 1e-4
     restart_dead_every: int = 100          # 0: never; else re-seed unused codes from the batch's latents
     dead_threshold: float = 0.03           # an entry is dead when its usage EMA falls below this
 

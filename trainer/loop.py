@@ -89,6 +89,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
+        if hasattr(stage, "load_state_dict"):
+            stage.load_state_dict(ckpt.get("stage", {}))
         step, epoch, batches_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batches_in_epoch"]
         rngs = ckpt["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
@@ -136,7 +138,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None, "step": step,
                        "epoch": epoch, "batches_in_epoch": batches_in_epoch, "rng": rngs,
-                       "config": json.dumps(to_dict(cfg))}
+                       "config": json.dumps(to_dict(cfg)),
+                       "stage": stage.state_dict() if hasattr(stage, "state_dict") else {}}
             path = save_checkpoint(out_dir, step, payload, loop.keep_last)
             log.info("saved %s", path)
         dist.barrier()

@@ -15,6 +15,20 @@ from trainer.config import RunConfig
 from utils import dist
 
 
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN: one real/fake logit per overlapping patch."""
+
+    def __init__(self, ch: int = 64):
+        super().__init__()
+        def block(c_in, c_out, stride):  # 3x3 kernels with padding: valid for any image size
+            return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(nn.Conv2d(3, ch, 3, 2, 1), nn.LeakyReLU(0.2), *block(ch, 2 * ch, 2),
+                                 *block(2 * ch, 4 * ch, 1), nn.Conv2d(4 * ch, 1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def psnr(rec: torch.Tensor, img: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1] (computed on [0, 1])."""
     mse = ((rec.clamp(-1, 1) - img) / 2).pow(2).mean().item()
@@ -33,6 +47,11 @@ class VQVAEStage:
         if self.tcfg.perceptual_weight > 0:
             from trainer.perceptual import PerceptualLoss
             self.perceptual = PerceptualLoss(self.tcfg.perceptual_vgg, self.tcfg.perceptual_lin)
+        self.disc = self.disc_opt = None
+        if self.tcfg.disc_weight > 0:
+            self.disc = PatchDiscriminator()
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=self.tcfg.disc_lr, betas=(0.5, 0.9))
+        self._step = 0
         self._latents = None
         self._fixed_batch = None
 
@@ -46,6 +65,10 @@ class VQVAEStage:
         if self.perceptual is not None:
             perceptual = self.perceptual.to(img.device)(rec, img)
             loss = loss + self.tcfg.perceptual_weight * perceptual
+        gan = None
+        if self.disc is not None and self._step >= self.tcfg.disc_start:
+            gan = self.discriminator_step(img, rec)
+            loss = loss + self.tcfg.disc_weight * gan
         with torch.no_grad():
             q = self.model.quantize
             if dist.is_initialized() and dist.get_world_size() > 1:
@@ -56,14 +79,46 @@ class VQVAEStage:
             metrics = {"recon": recon.item(), "vq": vq_loss.item(), "psnr": psnr(rec, img)}
             if perceptual is not None:
                 metrics["perceptual"] = perceptual.item()
+            if gan is not None:
+                metrics["gan_g"], metrics["gan_d"] = gan.item(), self._last_d_loss
             used = (q.ema_vocab_hit_SV > self.tcfg.dead_threshold).float().mean(1)
             metrics.update({f"usage_scale{s}": u.item() for s, u in enumerate(used)})
         if self._fixed_batch is None:
             self._fixed_batch = img[:8].detach().cpu()
         return loss, metrics
 
+    def discriminator_step(self, img: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """Update the discriminator (hinge loss, fp32, gradients averaged over ranks) and return the
+        generator's adversarial loss -D(rec)."""
+        disc = self.disc.to(img.device)
+        with torch.autocast(img.device.type, enabled=False):
+            self.disc_opt.zero_grad(set_to_none=True)  # also drops what the last generator loss left in D
+            d_loss = F.relu(1 - disc(img)).mean() + F.relu(1 + disc(rec.detach().float())).mean()
+            d_loss.backward()
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                for p in disc.parameters():
+                    tdist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+            self.disc_opt.step()
+            self._last_d_loss = d_loss.item()
+            return -disc(rec.float()).mean()
+
+    def state_dict(self) -> dict:
+        """Stage state that must survive a resume (the loop stores it in the checkpoint)."""
+        state = {"step": self._step}
+        if self.disc is not None:
+            state.update(disc=self.disc.state_dict(), disc_opt=self.disc_opt.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._step = state.get("step", 0)
+        if self.disc is not None and "disc" in state:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+
     @torch.no_grad()
     def after_step(self, step: int, metrics: dict) -> None:
+        self._step = step
         every = self.tcfg.restart_dead_every
         if not every or step % every or self._latents is None:
             return
