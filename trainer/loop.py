@@ -146,7 +146,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
 
     data = batches()
     nonfinite_in_row, last = 0, {}
-    t_window, images_window = time.time(), 0
+    t_window, images_window, tokens_window = time.time(), 0, 0.0
     bar = tqdm(total=loop.steps, initial=step, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
     trained.train()
     while step < loop.steps:
@@ -164,6 +164,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
                     loss, metrics = stage.loss(trained, batch)
                 scaler.scale(loss / optim_cfg.grad_accum).backward()
             loss_value += loss.item() / optim_cfg.grad_accum
+            tokens_window += metrics.pop("tokens", 0.0) * world  # stages that predict tokens report them
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + v / optim_cfg.grad_accum
             images_window += len(batch["image"]) * world
@@ -194,10 +195,11 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             elapsed = time.time() - t_window
             last = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                     "images_per_s": images_window / max(elapsed, 1e-9), **metrics_sum,
+                    **({"tokens_per_s": tokens_window / max(elapsed, 1e-9)} if tokens_window else {}),
                     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
             if device.type == "cuda":
                 last["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            t_window, images_window = time.time(), 0
+            t_window, images_window, tokens_window = time.time(), 0, 0.0
             if rank == 0:
                 with open(history_path, "a") as f:
                     f.write(json.dumps(last) + "\n")

@@ -108,7 +108,7 @@ class StarStage:
                 sel = lvl == s
                 metrics[f"loss_scale{s}"] = ce[:, sel].mean().item()
                 metrics[f"acc_scale{s}"] = correct[:, sel].mean().item()
-            metrics["tokens_per_step"] = float(gt.numel())
+            metrics["tokens"] = float(gt.numel())  # trained tokens in this micro-batch (the loop logs tokens/s)
         return loss, metrics
 
     def after_step(self, step: int, metrics: dict) -> None:
