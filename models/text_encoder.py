@@ -63,6 +63,17 @@ class TextEncoder(nn.Module):
     def _encode(self, prompts: list[str]):
         raise NotImplementedError
 
+    def hf_tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask) of a transformers tokenizer, padded/truncated to ``max_length``."""
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden states (B, L, D) over the valid tokens of mask (B, L)."""
+    return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+
 
 # --- CLIP tokenizer and towers -------------------------------------------------------------------------------
 def clip_bpe_tokenizer(max_length: int = 77):
@@ -131,9 +142,7 @@ class HFClipEncoder(TextEncoder):
         self.freeze()
 
     def _encode(self, prompts):
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="pt")
-        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        ids, mask = self.hf_tokenize(prompts)
         out = self.model(input_ids=ids)
         return out.last_hidden_state, mask, out.pooler_output
 
@@ -209,14 +218,12 @@ class T5TextEncoder(TextEncoder):
         self.freeze()
 
     def _encode(self, prompts):
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="pt")
-        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        ids, mask = self.hf_tokenize(prompts)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         if self.pooling == "mean_all":  # official: AvgPool over all positions, padding included
             pooled = hidden.mean(1)
         else:
-            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+            pooled = masked_mean(hidden, mask)
         return hidden, mask, pooled
 
 
@@ -239,12 +246,9 @@ class MiniLMEncoder(TextEncoder):
         self.freeze()
 
     def _encode(self, prompts):
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="pt")
-        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        ids, mask = self.hf_tokenize(prompts)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-        return hidden, mask, pooled
+        return hidden, mask, masked_mean(hidden, mask)
 
 
 def build_text_encoder(kind: str, path: str | None = None, **kwargs) -> TextEncoder:
