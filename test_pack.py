@@ -18,8 +18,15 @@ import time
 
 from tqdm import tqdm
 
-from utils.data.pack import OFFICIAL_CAPTION_KEYS, PackOptions, folder_items, manifest_items, official_items, pack, \
-    shapes_items
+from utils.data.pack import (
+    OFFICIAL_CAPTION_KEYS,
+    PackOptions,
+    folder_items,
+    manifest_items,
+    official_items,
+    pack,
+    shapes_items,
+)
 
 
 def main() -> int:
@@ -60,7 +67,8 @@ def main() -> int:
     with tqdm(total=total, unit="img", desc="packing", file=sys.stderr) as bar:
         summary = pack(items, args.out, opts, progress=bar.update)
     summary["seconds"] = round(time.time() - start, 2)
-    summary["images_per_s"] = round((summary["packed"] + sum(summary["skipped"].values())) / max(summary["seconds"], 1e-9), 1)
+    inputs = summary["packed"] + sum(summary["skipped"].values())
+    summary["images_per_s"] = round(inputs / max(summary["seconds"], 1e-9), 1)
     print(json.dumps(summary))
     return 0
 

@@ -53,9 +53,9 @@ def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
 
     One ``torch.multinomial`` call over all B*l rows, consuming the generator exactly as the official code.
     """
-    B, l, V = logits.shape
+    B, n, V = logits.shape
     probs = filter_top_k_top_p(logits, top_k, top_p).softmax(dim=-1).view(-1, V)
-    idx = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
+    idx = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, n)
     if return_prob:
-        return idx, probs.gather(-1, idx.view(-1, 1)).view(B, l)
+        return idx, probs.gather(-1, idx.view(-1, 1)).view(B, n)
     return idx

@@ -59,7 +59,8 @@ class CachedTextEncoder:
                     n = int(m[j].sum())
                     if not bool(m[j, :n].all()):
                         raise ValueError("the cache stores right-padded masks only")
-                    txn.put(self.key(prompts[i]), st_save({"hidden": h[j, :n].contiguous(), "pooled": pl[j].contiguous()}))
+                    value = st_save({"hidden": h[j, :n].contiguous(), "pooled": pl[j].contiguous()})
+                    txn.put(self.key(prompts[i]), value)
                     hidden[i], mask[i], pooled[i] = h[j], m[j], pl[j]
         device = self.encoder.device
         return hidden.to(device), mask.to(device), pooled.to(device)

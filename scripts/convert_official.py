@@ -15,8 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from models.checkpoint import (OFFICIAL_PRESETS, load_official_star, load_official_vqvae,  # noqa: E402
-                               save_pretrained)
+from models.checkpoint import OFFICIAL_PRESETS, load_official_star, load_official_vqvae, save_pretrained  # noqa: E402
 from models.vqvae import VQVAEConfig  # noqa: E402
 
 

@@ -5,9 +5,15 @@ import pytest
 import torch
 
 from metrics.parity import _load, build_reference_vqvae, reference_star_config
-from models.checkpoint import (CheckpointError, adapt_official_state_dict, load_official_star,
-                               load_pretrained_star, load_pretrained_vqvae, read_official_state_dict,
-                               save_pretrained)
+from models.checkpoint import (
+    CheckpointError,
+    adapt_official_state_dict,
+    load_official_star,
+    load_pretrained_star,
+    load_pretrained_vqvae,
+    read_official_state_dict,
+    save_pretrained,
+)
 from models.star import STAR
 from tests.helpers import REPO
 

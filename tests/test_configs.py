@@ -43,7 +43,8 @@ def test_progressive_resolution_grows_level_embedding(tmp_path):
     """Start a longer schedule from a shorter-schedule checkpoint: new lvl_embed rows, everything else loaded."""
     from models.checkpoint import save_pretrained
     from models.star import StarConfig
-    small_cfg = StarConfig(depth=2, width=64, num_heads=2, vocab_size=32, z_channels=8, text_dim=32, patch_nums=(1, 2, 4))
+    small_cfg = StarConfig(depth=2, width=64, num_heads=2, vocab_size=32, z_channels=8, text_dim=32,
+                           patch_nums=(1, 2, 4))
     small = STAR(small_cfg)
     small.init_weights()
     save_pretrained(tmp_path / "small", star=small)

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import lmdb
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -58,7 +57,8 @@ def test_manifest_jsonl_and_csv(tmp_path):
         _image(tmp_path / f"m{i}.png")
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"image": f"m{i}.png", "caption": f"c{i}", "alt": f"a{i}"})
                                                  for i in range(3)))
-    (tmp_path / "m.csv").write_text("image,caption\n" + "\n".join(f"m{i}.png,c{i}" for i in range(3)) + "\nmissing.png,x\n")
+    rows = "\n".join(f"m{i}.png,c{i}" for i in range(3))
+    (tmp_path / "m.csv").write_text("image,caption\n" + rows + "\nmissing.png,x\n")
     s1 = pack(manifest_items(tmp_path / "m.jsonl", ("caption", "alt")), tmp_path / "o1", PackOptions())
     s2 = pack(manifest_items(tmp_path / "m.csv"), tmp_path / "o2", PackOptions(max_side=40))
     assert s1["packed"] == 3 and s2["packed"] == 3 and s2["skipped"] == {"missing image": 1}

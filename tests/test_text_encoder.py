@@ -2,8 +2,16 @@ import pytest
 import torch
 
 from models.text_cache import CachedTextEncoder
-from models.text_encoder import (CLIP_VOCAB_SIZE, HFClipEncoder, OpenClipEncoder, TextEncoderError,
-                                 TinyTextEncoder, build_text_encoder, clip_bpe_tokenizer, open_clip_to_hf_clip)
+from models.text_encoder import (
+    CLIP_VOCAB_SIZE,
+    HFClipEncoder,
+    OpenClipEncoder,
+    TextEncoderError,
+    TinyTextEncoder,
+    build_text_encoder,
+    clip_bpe_tokenizer,
+    open_clip_to_hf_clip,
+)
 
 PROMPTS = ["a red circle at the top left", "", "a small blue square to the right of a yellow triangle"]
 

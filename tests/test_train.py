@@ -72,9 +72,9 @@ def test_ddp_two_ranks_match_single_process(tmp_path, vqvae_dir):
 
 
 def test_star_loss_decreases_and_logs(tmp_path, vqvae_dir):
-    res = run_train(star_overrides(tmp_path / "run", vqvae_dir, 30, **{"loop.ckpt_every": 100, "loop.log_every": 5,
-                                                                       "loop.sample_every": 30,
-                                                                       "star_train.sample_prompts": '["a red circle at the top left"]'}))
+    extra = {"loop.ckpt_every": 100, "loop.log_every": 5, "loop.sample_every": 30,
+             "star_train.sample_prompts": '["a red circle at the top left"]'}
+    res = run_train(star_overrides(tmp_path / "run", vqvae_dir, 30, **extra))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = history(tmp_path / "run")
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3

@@ -20,6 +20,7 @@ def test_check_parity_vae_passes(reference_dir):
 def test_check_parity_fails_on_a_perturbed_reference(reference_dir, tmp_path):
     """The comparison can fail: a copy of the reference with one weight changed must not pass."""
     import shutil
+
     from safetensors.torch import load_file, save_file
     for f in reference_dir.glob("tiny_vae_*"):
         shutil.copy(f, tmp_path / f.name)

@@ -69,8 +69,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     if loop.compile:
         trained = torch.compile(model)
     if world > 1:
-        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None,
-                                                      broadcast_buffers=False)
+        device_ids = [device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=device_ids, broadcast_buffers=False)
     optimizer = build_optimizer(model, optim_cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=loop.precision == "fp16", init_scale=2.0 ** 11)
     ema = EMA(model, optim_cfg.ema_decay) if optim_cfg.ema_decay > 0 else None
@@ -181,7 +181,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         nonfinite_in_row = 0
         scaler.unscale_(optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf"))
+        max_norm = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

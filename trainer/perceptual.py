@@ -32,8 +32,9 @@ class PerceptualLoss(nn.Module):
             self.stages.append(nn.Sequential(*vgg.features[start:end]))
             start = end
         lin = torch.load(lin_weights, map_location="cpu", weights_only=True)
-        self.lin = nn.ParameterList([nn.Parameter(lin[f"lin{i}.model.1.weight"].reshape(1, c, 1, 1), requires_grad=False)
-                                     for i, c in enumerate(_CHANNELS)])
+        self.lin = nn.ParameterList(
+            [nn.Parameter(lin[f"lin{i}.model.1.weight"].reshape(1, c, 1, 1), requires_grad=False)
+             for i, c in enumerate(_CHANNELS)])
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         self.eval().requires_grad_(False)

@@ -9,8 +9,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from models.checkpoint import (adapt_official_state_dict, load_official_vqvae, load_pretrained_vqvae,
-                               read_official_state_dict, save_pretrained)
+from models.checkpoint import (
+    adapt_official_state_dict,
+    load_official_vqvae,
+    load_pretrained_vqvae,
+    read_official_state_dict,
+    save_pretrained,
+)
 from models.star import STAR
 from models.text_cache import CachedTextEncoder
 from models.text_encoder import build_text_encoder

@@ -58,7 +58,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and origin is list and args and args[0] is str:
             value = [value]  # --data.lmdb_dirs=path means a one-element list
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{key}': expected {_type_name(tp)} (a JSON list), got {value!r} ({type(value).__name__})")
+            raise ConfigError(
+                f"'{key}': expected {_type_name(tp)} (a JSON list), got {value!r} ({type(value).__name__})")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if origin is tuple and args:

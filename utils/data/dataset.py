@@ -60,7 +60,8 @@ class _CaptionedDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def choose_caption(self, captions: dict[str, str], rng: np.random.Generator) -> str:
-        options = [v for k, v in sorted(captions.items()) if v and (self.caption_keys is None or k in self.caption_keys)]
+        keys = self.caption_keys
+        options = [v for k, v in sorted(captions.items()) if v and (keys is None or k in keys)]
         caption = options[rng.integers(len(options))] if options else ""
         if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
             caption = ""  # the unconditional prompt for classifier-free guidance
@@ -123,7 +124,8 @@ class ShapesDataset(_CaptionedDataset):
     def __init__(self, count: int, transform: ImageTransform, split: str = "train", data_seed: int = 0,
                  texture: float = 0.0, caption_dropout: float = 0.0, seed: int = 0):
         super().__init__(None, caption_dropout, seed)
-        self.count, self.transform, self.split, self.data_seed, self.texture = count, transform, split, data_seed, texture
+        self.count, self.transform, self.split = count, transform, split
+        self.data_seed, self.texture = data_seed, texture
 
     def __len__(self) -> int:
         return self.count
