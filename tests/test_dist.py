@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from utils import dist
@@ -42,10 +43,13 @@ def test_logger_writes_file_on_rank0(tmp_path):
     assert "hello 7" in (tmp_path / "log.txt").read_text()
 
 
-def test_torchrun_two_processes_all_reduce():
+@pytest.mark.parametrize("launcher", [
+    ["torch.distributed.run", "--standalone"],   # torchrun
+    ["torch.distributed.launch"],                # the legacy form of the official README (passes --local-rank)
+])
+def test_two_processes_all_reduce(launcher):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "dist_allreduce.py")]
+    cmd = [sys.executable, "-m", *launcher, "--nproc_per_node=2", str(REPO / "tests" / "dist_allreduce.py")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" ok 1.5") == 2, proc.stdout
