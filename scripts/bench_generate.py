@@ -9,8 +9,6 @@ analytic FLOP count (metrics/flops.py) and achieved GFLOP/s, next to a large fp3
 same process as the machine's practical peak.
 """
 import argparse
-import json
-import resource
 import statistics
 import sys
 import time
@@ -20,15 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
+from metrics.bench import DTYPES, print_report, sync  # noqa: E402
 from metrics.flops import star_generation_flops  # noqa: E402
 from models import build_star, build_vqvae, star_config, vqvae_config  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -120,12 +112,8 @@ def main() -> int:
         "vqvae_decode_seconds_median": dec, "transformer_flops": flops,
         "transformer_gflops_per_s": flops / (sec - dec) / 1e9, "matmul_gflops_per_s": peak,
         "transformer_fraction_of_matmul_peak": flops / (sec - dec) / 1e9 / peak,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-        "torch": torch.__version__,
     }
-    if device.type == "cuda":
-        out["peak_cuda_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    print(json.dumps(out, indent=1))
+    print_report(out, device)
     return 0
 
 

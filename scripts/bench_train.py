@@ -7,8 +7,6 @@ VQ-VAE encoding and text encoding are excluded (as the official reference timing
 teacher-forcing maps and text features. Prints one JSON object with ``seconds_median`` per step.
 """
 import argparse
-import json
-import resource
 import statistics
 import sys
 import time
@@ -19,11 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from metrics.bench import DTYPES, print_report, sync  # noqa: E402
 from models import build_star, star_config  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main() -> int:
@@ -67,23 +64,18 @@ def main() -> int:
 
     times = []
     for _ in range(args.repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times[1:])
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out = {"size": args.size, "resolution": args.resolution, "batch": B, "dtype": args.dtype, "device": str(device),
            "threads": torch.get_num_threads(), "compile": args.compile, "repeats": args.repeats,
            "seconds_median": sec, "seconds_all": times[1:], "images_per_s": B / sec, "tokens_per_s": B * L / sec,
-           "approx_flops_6ND": 6 * params * B * L, "gflops_per_s_6ND": 6 * params * B * L / sec / 1e9,
-           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "torch": torch.__version__}
-    if device.type == "cuda":
-        out["peak_cuda_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    print(json.dumps(out, indent=1))
+           "approx_flops_6ND": 6 * params * B * L, "gflops_per_s_6ND": 6 * params * B * L / sec / 1e9}
+    print_report(out, device)
     return 0
 
 
