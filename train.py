@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(cfg.loop.seed)  # same initial weights on every rank
     if cfg.stage == "vqvae":
         from trainer.vqvae_stage import VQVAEStage
-        stage, resolution = VQVAEStage(cfg), cfg.vqvae.image_size
+        stage, resolution = VQVAEStage(cfg, device), cfg.vqvae.image_size
     else:
         from trainer.star_stage import StarStage
         stage = StarStage(cfg, device)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from models.star import STAR, StarConfig
 from models.vqvae import VQVAE, VQVAEConfig
 
-FLOAT_TOL = 1e-5  # holds bit-for-bit on the reference machine's CPU; other kernels (AVX-512, CUDA) differ ~1.4e-5
+FLOAT_TOL = 1e-5  # holds on the reference CPU (max 1.8e-6 unguided); AVX-512 and CUDA kernels differ by ~1.4e-5
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:

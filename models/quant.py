@@ -85,6 +85,15 @@ class MultiScaleQuantizer(nn.Module):
             h_BChw = F.interpolate(h_BChw, size=(side, side), mode="bicubic")
         return self.phi(si)(h_BChw)
 
+    def _quantize_scale(self, f_rest: torch.Tensor, si: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest codes of the residual at scale si (area-resized, except the last scale) and their
+        contribution h to f_hat: (indices (B*pn*pn,), h (B, Cvae, H, W))."""
+        B, C = f_rest.shape[:2]
+        pn = self.patch_nums[si]
+        z = f_rest if si == self.num_scales - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
+        idx_N = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
+        return idx_N, self._upsample(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si)
+
     def codes_to_embed(self, idx_Bl: torch.Tensor) -> torch.Tensor:
         """(B, pn*pn) indices -> (B, Cvae, pn, pn) code vectors."""
         B, n = idx_Bl.shape
@@ -95,13 +104,11 @@ class MultiScaleQuantizer(nn.Module):
     def f_to_idx(self, f_BChw: torch.Tensor, return_fhat: bool = False) -> list[torch.Tensor]:
         """Latent -> list of token maps (B, pn*pn), or the cumulative f_hat after every scale."""
         f_rest = f_BChw.detach().float().clone()
-        B, C, H, W = f_rest.shape
+        B = f_rest.shape[0]
         f_hat = torch.zeros_like(f_rest)
         out = []
         for si, pn in enumerate(self.patch_nums):
-            z = f_rest if si == self.num_scales - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
-            idx_N = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
-            h = self._upsample(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si)
+            idx_N, h = self._quantize_scale(f_rest, si)
             f_hat.add_(h)
             f_rest.sub_(h)
             out.append(f_hat.clone() if return_fhat else idx_N.view(B, pn * pn))
@@ -110,13 +117,8 @@ class MultiScaleQuantizer(nn.Module):
     def idx_to_var_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
         """Teacher-forcing input for the transformer: (B, L - 1, Cvae) float32, the area-resized cumulative
         f_hat before every scale after the first."""
-        B, side = idx_list[0].shape[0], self.patch_nums[-1]
-        f_hat = torch.zeros(B, self.z_channels, side, side, device=idx_list[0].device)
-        inputs = []
-        for si in range(self.num_scales - 1):
-            f_hat.add_(self._upsample(self.codes_to_embed(idx_list[si]).float(), si))
-            pn_next = self.patch_nums[si + 1]
-            inputs.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").flatten(2).transpose(1, 2))
+        inputs = [F.interpolate(f_hat, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
+                  for f_hat, pn in zip(self.idx_to_fhat(idx_list[:-1]), self.patch_nums[1:])]
         return torch.cat(inputs, dim=1)
 
     def next_ar_input(self, si: int, f_hat: torch.Tensor, h_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +131,7 @@ class MultiScaleQuantizer(nn.Module):
         return f_hat, F.interpolate(f_hat, size=(pn_next, pn_next), mode="area")
 
     def idx_to_fhat(self, idx_list: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Cumulative f_hat after each scale given all token maps (the training-consistent path)."""
+        """Cumulative f_hat after each given scale (a prefix of the schedule is fine)."""
         B, side = idx_list[0].shape[0], self.patch_nums[-1]
         f_hat = torch.zeros(B, self.z_channels, side, side, device=idx_list[0].device)
         out = []
@@ -144,15 +146,12 @@ class MultiScaleQuantizer(nn.Module):
         f = f_BChw.float()
         f_no_grad = f.detach()
         f_rest = f_no_grad.clone()
-        B, C, H, W = f.shape
         f_hat = torch.zeros_like(f_rest)
         vq_loss = f.new_zeros(())
         hits = torch.zeros(self.num_scales, self.vocab_size, device=f.device)
-        for si, pn in enumerate(self.patch_nums):
-            z = f_rest if si == self.num_scales - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
-            idx_N = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
+        for si in range(self.num_scales):
+            idx_N, h = self._quantize_scale(f_rest, si)
             hits[si] = idx_N.bincount(minlength=self.vocab_size).float()
-            h = self._upsample(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si)
             f_hat = f_hat + h
             f_rest = f_rest - h.detach()
             # commitment (encoder towards f_hat) + codebook/phi (f_hat towards the encoder output)

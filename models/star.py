@@ -217,9 +217,8 @@ class STAR(nn.Module):
         Returns logits (B, L', V) and the last hidden state (B, L', C) for the kept tokens L'.
         """
         L = self.cfg.seq_len
-        x = torch.cat((self.encoder_proj(text_pooled.float()).unsqueeze(1) + self.pos_start,
-                       self.word_embed(var_input.float())), dim=1)
-        x = x + self.position_embed(0, L)
+        x = torch.cat((self.start_tokens(text_pooled),
+                       self.word_embed(var_input.float()) + self.position_embed(1, L)), dim=1)
         cos, sin = self.rope_cos, self.rope_sin
         if keep is not None:
             x, cos, sin = x[:, keep], cos[keep], sin[keep]

@@ -22,7 +22,7 @@ def main() -> int:
     parser.add_argument("--part", default="all", choices=[*PARTS, "all"])
     parser.add_argument("--device", default="cpu", help="run our models here (fp32; TF32 is switched off)")
     parser.add_argument("--float-tol", type=float, default=1e-5,
-                        help="max-abs tolerance for float tensors (1e-5 holds bit-exactly on the reference CPU; "
+                        help="max-abs tolerance for float tensors (1e-5 holds on the reference CPU; "
                              "other CPUs/GPUs differ by up to ~1.4e-5 through the VQ-VAE decoder)")
     args = parser.parse_args()
     if args.device.startswith("cuda"):  # compare true fp32 arithmetic

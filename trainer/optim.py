@@ -1,6 +1,7 @@
 """AdamW with the official weight-decay groups, LR schedules, and an EMA of weights."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -62,3 +63,12 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             self.shadow[k].copy_(v)
+
+
+def with_ema_weights(model: nn.Module, ema_state: dict | None) -> nn.Module:
+    """``model`` itself without EMA, else a copy of it holding the EMA weights (for export)."""
+    if ema_state is None:
+        return model
+    averaged = copy.deepcopy(model)
+    averaged.load_state_dict({**model.state_dict(), **ema_state})
+    return averaged

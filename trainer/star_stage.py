@@ -21,6 +21,7 @@ from models.text_cache import CachedTextEncoder
 from models.text_encoder import build_text_encoder
 from models.vqvae import VQVAE, VQVAEConfig
 from trainer.config import RunConfig
+from trainer.optim import with_ema_weights
 from utils.config import to_dict
 
 
@@ -120,12 +121,11 @@ class StarStage:
         pass
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int = 0, model: STAR | None = None) -> torch.Tensor:
-        model = model or self.model
+    def generate(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
         sc = self.cfg.star_train
         hidden, mask, pooled = (t.to(self.device) for t in self.text.encode(list(prompts) + [""] * len(prompts)))
         gen = torch.Generator(self.device).manual_seed(seed)
-        return model.generate(self.vqvae, hidden, mask, pooled, cfg=sc.sample_cfg, top_k=sc.sample_top_k,
+        return self.model.generate(self.vqvae, hidden, mask, pooled, cfg=sc.sample_cfg, top_k=sc.sample_top_k,
                               top_p=sc.sample_top_p, generator=gen)
 
     def sample(self, step: int, out_dir: Path, writer) -> None:
@@ -143,8 +143,5 @@ class StarStage:
         writer.add_image("samples", grid, step)
 
     def export(self, out_dir: Path, ema_state: dict | None) -> None:
-        model = self.model
-        if ema_state is not None:
-            model = STAR(self.cfg.model)
-            model.load_state_dict({**self.model.state_dict(), **ema_state})
-        save_pretrained(out_dir, star=model, vqvae=self.vqvae, extra_config={"text": to_dict(self.cfg.text)})
+        save_pretrained(out_dir, star=with_ema_weights(self.model, ema_state), vqvae=self.vqvae,
+                        extra_config={"text": to_dict(self.cfg.text)})

@@ -12,6 +12,7 @@ from torch import nn
 from models.checkpoint import read_official_state_dict, save_pretrained
 from models.vqvae import VQVAE
 from trainer.config import RunConfig
+from trainer.optim import with_ema_weights
 from utils import dist
 
 
@@ -36,8 +37,8 @@ def psnr(rec: torch.Tensor, img: torch.Tensor) -> float:
 
 
 class VQVAEStage:
-    def __init__(self, cfg: RunConfig):
-        self.cfg, self.tcfg = cfg, cfg.vqvae_train
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        self.cfg, self.tcfg, self.device = cfg, cfg.vqvae_train, device
         self.model = VQVAE(cfg.vqvae)
         if cfg.loop.init_from:  # fine-tune from our checkpoint dir or VAR's .pth (the usage buffer may differ)
             p = Path(cfg.loop.init_from)
@@ -46,24 +47,24 @@ class VQVAEStage:
         self.perceptual = None
         if self.tcfg.perceptual_weight > 0:
             from trainer.perceptual import PerceptualLoss
-            self.perceptual = PerceptualLoss(self.tcfg.perceptual_vgg, self.tcfg.perceptual_lin)
+            self.perceptual = PerceptualLoss(self.tcfg.perceptual_vgg, self.tcfg.perceptual_lin).to(device)
         self.disc = self.disc_opt = None
         if self.tcfg.disc_weight > 0:
-            self.disc = PatchDiscriminator()
+            self.disc = PatchDiscriminator().to(device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=self.tcfg.disc_lr, betas=(0.5, 0.9))
         self._step = 0
         self._latents = None
         self._fixed_batch = None
 
     def loss(self, model: nn.Module, batch: dict):
-        img = batch["image"].to(next(self.model.parameters()).device, non_blocking=True)
+        img = batch["image"].to(self.device, non_blocking=True)
         rec, vq_loss, hits, f = model(img)
         rec = rec.float()
         recon = F.l1_loss(rec, img) if self.tcfg.recon == "l1" else F.mse_loss(rec, img)
         loss = recon + self.tcfg.vq_weight * vq_loss
         perceptual = None
         if self.perceptual is not None:
-            perceptual = self.perceptual.to(img.device)(rec, img)
+            perceptual = self.perceptual(rec, img)
             loss = loss + self.tcfg.perceptual_weight * perceptual
         gan = None
         if self.disc is not None and self._step >= self.tcfg.disc_start:
@@ -90,7 +91,7 @@ class VQVAEStage:
     def discriminator_step(self, img: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         """Update the discriminator (hinge loss, fp32, gradients averaged over ranks) and return the
         generator's adversarial loss -D(rec)."""
-        disc = self.disc.to(img.device)
+        disc = self.disc
         with torch.autocast(img.device.type, enabled=False):
             self.disc_opt.zero_grad(set_to_none=True)  # also drops what the last generator loss left in D
             d_loss = F.relu(1 - disc(img)).mean() + F.relu(1 + disc(rec.detach().float())).mean()
@@ -142,7 +143,7 @@ class VQVAEStage:
         from torchvision.utils import make_grid, save_image
         was_training = self.model.training
         self.model.eval()
-        img = self._fixed_batch.to(next(self.model.parameters()).device)
+        img = self._fixed_batch.to(self.device)
         rec = self.model.idx_to_img(self.model.img_to_idx(img))
         grid = make_grid(torch.cat([img, rec]).add(1).div(2).clamp(0, 1).cpu(), nrow=len(img))
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -151,8 +152,4 @@ class VQVAEStage:
         self.model.train(was_training)
 
     def export(self, out_dir: Path, ema_state: dict | None) -> None:
-        model = self.model
-        if ema_state is not None:
-            model = VQVAE(self.cfg.vqvae)
-            model.load_state_dict({**self.model.state_dict(), **ema_state})
-        save_pretrained(out_dir, vqvae=model)
+        save_pretrained(out_dir, vqvae=with_ema_weights(self.model, ema_state))

@@ -41,12 +41,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"'{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
