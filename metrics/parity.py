@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from models.sampler_head import SamplerHead, split_official_state_dict
 from models.star import STAR, StarConfig
 from models.vqvae import VQVAE, VQVAEConfig
 
@@ -127,9 +128,78 @@ def check_star(ref_dir: Path, device: str = "cpu", tol: float = FLOAT_TOL) -> di
     return _result(report)
 
 
+class OfficialPositionNoise:
+    """Replays the official random-position stream for one sampler scale.
+
+    The official sampler draws its random positions from the *global* torch RNG (seeded by the caller), and
+    ``Scheduler.get_mask`` discards one ``torch.rand`` of shape (2B, n) before every used draw of shape (B, n).
+    Our generation takes these scores from ``position_noise`` (by default the one generator of the call);
+    this object reproduces the official stream instead. (With several sampler scales the official code also
+    discards a draw at every later step; the reference data has one sampler scale.)
+    """
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, shape, generator, device) -> torch.Tensor:
+        B, n = shape
+        torch.rand((2 * B, n), generator=self.gen)
+        return torch.rand((B, n), generator=self.gen).to(device)
+
+
+def build_reference_sampler(ref_dir: Path, meta: dict, vae: VQVAE):
+    """(backbone, head) of the reference sampler model, loaded with strict keys from one official flat dict."""
+    kw = meta["VAR_kwargs"]
+    cfg = StarConfig(depth=kw["depth"], width=kw["embed_dim"], num_heads=kw["num_heads"],
+                     vocab_size=vae.cfg.vocab_size, z_channels=vae.cfg.z_channels, text_dim=kw["in_dim_cross"],
+                     patch_nums=tuple(kw["patch_nums"]), rope=kw["rotary_pos_emb"], rope_theta=float(kw["rope_theta"]),
+                     rope_norm=float(kw["rope_norm"]), qk_norm=kw["attn_l2_norm"], cross_attn=kw["enable_cross"],
+                     head_norm=kw["enable_logit_norm"], drop_path_rate=kw["drop_path_rate"],
+                     legacy_cross_attn_batch0=True)
+    backbone_state, head_state = split_official_state_dict(_load(ref_dir / "tiny_star_sampler_state.safetensors"))
+    star = STAR(cfg).eval()
+    star.load_state_dict(backbone_state, strict=True)
+    head = SamplerHead(cfg, sample_from=kw["sample_from_idx"]).eval()
+    head.load_state_dict(head_state, strict=True)
+    return star, head
+
+
 def check_sampler(ref_dir: Path, device: str = "cpu", tol: float = FLOAT_TOL) -> dict:
-    return {"pass": False, "error": "the sampler head is not implemented yet (issue: causal-driven sampler)",
-            "tensors": {}}
+    """Generation with the sampler head, greedy (top-k 1), in the official 'new' and '1024' versions.
+
+    Compared: the indices returned by every token-sampling call (backbone scales and each refinement step:
+    with top-k 1 they do not depend on the RNG), the committed token embeddings h of every scale, and the
+    image. Which positions a step commits does depend on the RNG; those comparisons replay the official
+    global-RNG stream (``OfficialPositionNoise``).
+    """
+    meta = json.loads((ref_dir / "tiny_star_sampler_golden.json").read_text())
+    g = {k: v.to(device) for k, v in _load(ref_dir / "tiny_star_sampler_golden.safetensors").items()}
+    text_golden = _load(ref_dir / "tiny_star_golden.safetensors")
+    text = tuple(text_golden[k].to(device) for k in ("enc_hidden", "enc_mask", "enc_pooled"))
+    vae = build_reference_vqvae(ref_dir).to(device)
+    star, head = (m.to(device) for m in build_reference_sampler(ref_dir, meta, vae))
+    codebook = vae.quantize.embedding.weight
+    report: dict = {}
+    schedules = {"new": "default", "1024": "official-1024"}
+    for tag, args in meta["infer_args"].items():
+        steps: list[torch.Tensor] = []
+        img, tokens = star.generate(
+            vae, *text, cfg=args["cfg"], top_k=args["top_k"], top_p=args["top_p"],
+            generator=torch.Generator(device).manual_seed(args["g_seed"]), sampler=head,
+            sampler_schedule=schedules[args["sample_version"]],
+            sampler_noise=OfficialPositionNoise(args["torch_manual_seed_before_call"]),
+            sampler_step_callback=lambda step, idx, committed, steps=steps: steps.append(idx.clone()),
+            return_tokens=True)
+        calls = tokens[:head.sample_from] + steps  # one sampling call per backbone scale, then one per step
+        for j in range(args["n_sampling_calls"]):
+            key = f"{tag}.call{j:02d}.idx"
+            ours = calls[j] if j < len(calls) else torch.full_like(g[key], -1)
+            _compare(report, key, ours.view(g[key].shape), g[key], tol)
+        for si, idx in enumerate(tokens):
+            ref = g[f"{tag}.h_{si}"]
+            _compare(report, f"{tag}.h_{si}", codebook[idx].transpose(1, 2).reshape(ref.shape), ref, tol)
+        _compare(report, f"{tag}.img", img, g[f"{tag}.img"], tol)
+    return _result(report)
 
 
 PARTS = {"vae": check_vae, "star": check_star, "sampler": check_sampler}

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.sampler_head import SamplerHead, split_official_state_dict
 from models.star import STAR, StarConfig
 from models.vqvae import PATCH_NUMS, VQVAE, VQVAEConfig
 from utils.config import from_dict, to_dict
 
+OFFICIAL_SAMPLE_FROM = 9  # the released sampler heads cover scale indices >= 9
 _OFFICIAL = dict(rope_theta=10000.0, rope_norm=64.0, text_dim=1024, legacy_cross_attn_batch0=True)
 
 # The released STAR checkpoints: architecture and the settings their evaluation scripts use.
@@ -59,13 +61,16 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(directory: str | Path, star: STAR | None = None, vqvae: VQVAE | None = None,
-                    extra_config: dict | None = None) -> Path:
+                    extra_config: dict | None = None, sampler: SamplerHead | None = None) -> Path:
     """Write ``config.json`` + safetensors weights for the given models into ``directory``."""
     directory = Path(directory)
     config: dict = dict(extra_config or {})
     if star is not None:
         config["star"] = to_dict(star.cfg)
         atomic_save(lambda p: save_file(_contiguous(star.state_dict()), p), directory / "model.safetensors")
+    if sampler is not None:
+        config["sampler"] = {"sample_from": sampler.sample_from, "num_blocks": sampler.num_blocks}
+        atomic_save(lambda p: save_file(_contiguous(sampler.state_dict()), p), directory / "sampler.safetensors")
     if vqvae is not None:
         config["vqvae"] = to_dict(vqvae.cfg)
         atomic_save(lambda p: save_file(_contiguous(vqvae.state_dict()), p), directory / "vqvae.safetensors")
@@ -89,6 +94,16 @@ def load_pretrained_star(directory: str | Path, **config_overrides) -> STAR:
     model = STAR(cfg)
     model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")), strict=True)
     return model.eval()
+
+
+def load_pretrained_sampler(directory: str | Path, star_cfg: StarConfig) -> SamplerHead | None:
+    """The sampler head saved next to a STAR model, or None if the directory has none."""
+    section = read_config(directory).get("sampler")
+    if section is None:
+        return None
+    head = SamplerHead(star_cfg, sample_from=section["sample_from"], num_blocks=section.get("num_blocks", 3))
+    head.load_state_dict(load_file(str(Path(directory) / "sampler.safetensors")), strict=True)
+    return head.eval()
 
 
 def load_pretrained_vqvae(directory: str | Path) -> VQVAE:
@@ -167,7 +182,15 @@ def adapt_official_state_dict(state: dict[str, torch.Tensor], model: STAR, allow
 
 def load_official_star(path: str | Path, preset: str | None = None, config: StarConfig | None = None,
                        allow_partial: bool = False) -> STAR:
-    """A STAR model from an official ``.pth``, built from a preset name or an explicit config."""
+    """A STAR model from an official ``.pth``, built from a preset name or an explicit config (a sampler
+    head in the file is ignored; see ``load_official_star_and_sampler``)."""
+    return load_official_star_and_sampler(path, preset, config, allow_partial)[0]
+
+
+def load_official_star_and_sampler(path: str | Path, preset: str | None = None, config: StarConfig | None = None,
+                                   allow_partial: bool = False, sample_from: int = OFFICIAL_SAMPLE_FROM
+                                   ) -> tuple[STAR, SamplerHead | None]:
+    """Backbone and (if the file has one, as the official ``train_sampler.py`` checkpoints) sampler head."""
     if config is None:
         if preset not in OFFICIAL_PRESETS:
             raise CheckpointError(f"official checkpoints need a preset ({', '.join(OFFICIAL_PRESETS)}) or a "
@@ -175,9 +198,18 @@ def load_official_star(path: str | Path, preset: str | None = None, config: Star
         config = StarConfig(**OFFICIAL_PRESETS[preset])
     model = STAR(config)
     model.init_weights()
-    state = adapt_official_state_dict(read_official_state_dict(path), model, allow_partial)
+    backbone_state, head_state = split_official_state_dict(read_official_state_dict(path))
+    state = adapt_official_state_dict(backbone_state, model, allow_partial)
     model.load_state_dict(state, strict=not allow_partial)
-    return model.eval()
+    head = None
+    if head_state:
+        head = SamplerHead(config, sample_from)
+        try:
+            head.load_state_dict(head_state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"the sampler head in {path} does not fit: {e}") from None
+        head.eval()
+    return model.eval(), head
 
 
 def load_official_vqvae(path: str | Path, config: VQVAEConfig | None = None) -> VQVAE:

@@ -234,13 +234,21 @@ class STAR(nn.Module):
     def generate(self, vqvae: VQVAE, text_hidden: torch.Tensor, text_mask: torch.Tensor, text_pooled: torch.Tensor,
                  cfg: float = 4.0, guidance: str | list[float] = "linear", top_k: int = 0, top_p: float = 0.0,
                  gumbel_smooth: bool = False, generator: torch.Generator | None = None,
+                 sampler=None, sampler_schedule="default", sampler_cfg: float | None = None,
+                 sampler_noise=None, sampler_step_callback=None,
                  return_tokens: bool = False, return_logits: bool = False, scale_callback=None):
         """Generate B images scale by scale with a KV cache and classifier-free guidance.
 
         Text tensors have 2B rows: rows 0..B-1 the prompts, rows B..2B-1 the unconditional ("" or negative)
         prompt. Guidance at scale s: logits = (1+t_s) cond - t_s uncond with t_s from ``guidance_weights``.
         Returns images (B, 3, H, W) in [0, 1]; with ``return_tokens`` also the token maps [(B, pn^2)], with
-        ``return_logits`` also the guided logits per scale.
+        ``return_logits`` also the guided logits per scale (of the backbone).
+
+        ``sampler``: a ``SamplerHead``; scales from its ``sample_from`` on are filled by masked refinement
+        (``sampler_schedule``: a name of ``models.sampler_head.SCHEDULES`` or a ``MaskSchedule``), its logits
+        guided with the constant weight ``sampler_cfg`` (default ``cfg``, as official). ``sampler_noise``
+        replaces the source of random positions (parity checks replay the official RNG stream with it);
+        ``sampler_step_callback(step, idx, committed)`` observes every refinement step.
         """
         B2 = text_hidden.shape[0]
         if B2 % 2:
@@ -249,6 +257,9 @@ class STAR(nn.Module):
         weights = guidance_weights(guidance, cfg, S)
         # After the last guided scale nothing needs the unconditional rows: drop them.
         last_guided = max([s for s, t in enumerate(weights) if t != 0.0], default=-1)
+        sampler_cfg = cfg if sampler_cfg is None else sampler_cfg
+        if sampler is not None and sampler_cfg != 0.0:
+            last_guided = S - 1  # the head needs the unconditional rows on its scales
         codebook = vqvae.quantize.embedding.weight
         side = self.cfg.patch_nums[-1]
         dtype = torch.get_autocast_dtype(text_hidden.device.type) if (
@@ -278,7 +289,12 @@ class STAR(nn.Module):
                 logits = (1 + t) * logits[:B] - t * logits[B:]
             if return_logits:
                 guided_logits.append(logits.clone())
-            if gumbel_smooth:
+            if sampler is not None and si >= sampler.sample_from:
+                idx = sampler.sample_scale(self, si, x, logits, text_pooled[:rows], codebook, sampler_cfg,
+                                           top_k, top_p, sampler_schedule, generator, sampler_noise,
+                                           sampler_step_callback)
+                h = codebook[idx]
+            elif gumbel_smooth:
                 ratio = si / max(S - 1, 1)
                 soft = _gumbel_softmax(logits.mul(1 + ratio), max(0.27 * (1 - 0.95 * ratio), 0.005), generator)
                 h = soft @ codebook

@@ -4,6 +4,7 @@
     python scripts/convert_official.py --ckpt STAR.pth --preset star-d30-1024 \
         --vae vae_ch160v4096z32.pth --out checkpoints/star-d30-1024
 
+A sampler checkpoint (from the official train_sampler.py) also yields sampler.safetensors (head for scales >= 9).
 The official files do not record RoPE / head settings: the preset supplies them (see models/checkpoint.py).
 Converted models keep the official cross-attention behaviour (legacy_cross_attn_batch0=true) so they
 reproduce the released weights' outputs.
@@ -15,7 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from models.checkpoint import OFFICIAL_PRESETS, load_official_star, load_official_vqvae, save_pretrained  # noqa: E402
+from models.checkpoint import (  # noqa: E402
+    OFFICIAL_PRESETS,
+    load_official_star_and_sampler,
+    load_official_vqvae,
+    save_pretrained,
+)
 from models.vqvae import VQVAEConfig  # noqa: E402
 
 
@@ -27,13 +33,14 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--allow-partial", action="store_true", help="load even if some keys do not fit")
     args = parser.parse_args()
-    star = load_official_star(args.ckpt, preset=args.preset, allow_partial=args.allow_partial)
+    star, sampler = load_official_star_and_sampler(args.ckpt, preset=args.preset, allow_partial=args.allow_partial)
     vae = None
     if args.vae is not None:
         vae = load_official_vqvae(args.vae, VQVAEConfig(patch_nums=star.cfg.patch_nums))
-    save_pretrained(args.out, star, vae, extra_config={"converted_from": args.ckpt.name, "preset": args.preset})
+    save_pretrained(args.out, star, vae, extra_config={"converted_from": args.ckpt.name, "preset": args.preset},
+                    sampler=sampler)
     print(json.dumps({"out": str(args.out), "params": sum(p.numel() for p in star.parameters()),
-                      "vqvae": vae is not None}))
+                      "vqvae": vae is not None, "sampler": sampler is not None}))
     return 0
 
 
