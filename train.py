@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Train a VQ-VAE or a STAR transformer from a JSON config.
+"""Train a VQ-VAE, a STAR transformer or a sampler head from a JSON config.
 
     python train.py --config=configs/shapes_vqvae.json [--section.key=value ...]
     torchrun --nproc_per_node=8 train.py --config=configs/star_d16_256.json --data.lmdb_dirs=[...]
     python -m torch.distributed.launch --nproc_per_node=8 train.py --config=...   (legacy form also works)
 
-The stage ("vqvae" or "star") comes from the config. Re-running the same command resumes from the newest
-valid checkpoint in loop.out_dir (loop.resume=auto).
+The stage ("vqvae", "star" or "sampler") comes from the config (train_sampler.py insists on "sampler").
+Re-running the same command resumes from the newest valid checkpoint in loop.out_dir (loop.resume=auto).
 """
 import sys
 
@@ -42,10 +42,13 @@ def build_dataset(cfg: RunConfig, resolution: int):
                                 d.caption_dropout, d.min_side, d.max_aspect, seed=cfg.loop.seed)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], required_stage: str | None = None) -> int:
     device = dist.init_distributed(argv)  # consumes the legacy --local-rank argument
     try:
         cfg = parse_args(argv[1:])
+        if required_stage is not None and cfg.stage != required_stage:
+            raise ConfigError(f"this entry point trains stage '{required_stage}' but the config says stage "
+                              f"'{cfg.stage}' (use train.py, or set \"stage\": \"{required_stage}\")")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -54,8 +57,9 @@ def main(argv: list[str]) -> int:
         from trainer.vqvae_stage import VQVAEStage
         stage, resolution = VQVAEStage(cfg, device), cfg.vqvae.image_size
     else:
+        from trainer.sampler_stage import SamplerStage
         from trainer.star_stage import StarStage
-        stage = StarStage(cfg, device)
+        stage = (SamplerStage if cfg.stage == "sampler" else StarStage)(cfg, device)
         resolution = stage.resolution
     train(cfg, stage, build_dataset(cfg, resolution), device)
     dist.destroy()

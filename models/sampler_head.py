@@ -87,15 +87,13 @@ class SamplerHead(nn.Module):
         S = len(cfg.patch_nums)
         if not 0 < sample_from < S:
             raise ValueError(f"sample_from must be a scale index in 1..{S - 1}, got {sample_from}")
-        if num_blocks > cfg.depth:
-            raise ValueError(f"the head's {num_blocks} blocks take the drop-path rates of backbone blocks "
-                             f"0..{num_blocks - 1}: need depth >= {num_blocks}, got {cfg.depth}")
         self.cfg, self.sample_from, self.num_blocks = cfg, sample_from, num_blocks
         C = cfg.width
         # Registration order = official state_dict order.
         self.pos_start_last = nn.Parameter(torch.zeros(1, 1, C))
         self.word_embed_head = nn.Linear(cfg.z_channels, C)
-        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(num_blocks)]
+        # Drop-path rates of backbone blocks 0, 1, 2 (official), capped at the last block's for shallow backbones.
+        dpr = [cfg.drop_path_rate * min(i, cfg.depth - 1) / max(cfg.depth - 1, 1) for i in range(num_blocks)]
         self.feat_extract_blocks = nn.ModuleList([Block(cfg, dpr[i], with_cross=False) for i in range(num_blocks)])
         self.head_logits2 = nn.Linear(C, cfg.vocab_size)
         self.encoder_proj2 = nn.Linear(cfg.text_dim, C)

@@ -122,8 +122,20 @@ class StarTrainConfig:
 
 
 @dataclass
+class SamplerTrainConfig:
+    backbone: str = ""                     # the frozen STAR: our checkpoint dir, or an official .pth (model.* must fit)
+    sample_from: int = -1                  # first scale index the head covers (negative: from the end; official 9)
+    num_blocks: int = 3
+    schedule: str = "default"              # refinement schedule for samples: default | official-1024
+
+    def validate(self) -> None:
+        if self.schedule not in ("default", "official-1024"):
+            raise ConfigError(f"sampler_train.schedule must be default or official-1024, got {self.schedule!r}")
+
+
+@dataclass
 class RunConfig:
-    stage: str = "star"                    # star | vqvae
+    stage: str = "star"                    # star | vqvae | sampler (train_sampler.py)
     model: StarConfig = field(default_factory=StarConfig)
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -132,13 +144,19 @@ class RunConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     vqvae_train: VQVAETrainConfig = field(default_factory=VQVAETrainConfig)
     star_train: StarTrainConfig = field(default_factory=StarTrainConfig)
+    sampler_train: SamplerTrainConfig = field(default_factory=SamplerTrainConfig)
 
     def validate(self) -> None:
-        if self.stage not in ("star", "vqvae"):
-            raise ConfigError(f"stage must be 'star' or 'vqvae', got {self.stage!r}")
-        if self.stage == "star" and not self.star_train.vqvae:
-            raise ConfigError("stage 'star' needs star_train.vqvae (a trained VQ-VAE checkpoint)")
-        if self.stage == "star" and tuple(self.model.patch_nums) != tuple(self.vqvae.patch_nums):
+        if self.stage not in ("star", "vqvae", "sampler"):
+            raise ConfigError(f"stage must be 'star', 'vqvae' or 'sampler', got {self.stage!r}")
+        if self.stage != "vqvae" and not self.star_train.vqvae:
+            raise ConfigError(f"stage '{self.stage}' needs star_train.vqvae (a trained VQ-VAE checkpoint)")
+        if self.stage == "sampler" and not self.sampler_train.backbone:
+            raise ConfigError("stage 'sampler' needs sampler_train.backbone (a trained STAR checkpoint)")
+        if self.stage == "sampler" and self.loop.init_from:
+            raise ConfigError("stage 'sampler' starts the head from scratch; the backbone comes from "
+                              "sampler_train.backbone, not loop.init_from")
+        if self.stage != "vqvae" and tuple(self.model.patch_nums) != tuple(self.vqvae.patch_nums):
             raise ConfigError(f"model.patch_nums {self.model.patch_nums} != vqvae.patch_nums {self.vqvae.patch_nums}")
 
     @property

@@ -16,6 +16,7 @@ from models.checkpoint import (
     read_official_state_dict,
     save_pretrained,
 )
+from models.sampler_head import split_official_state_dict
 from models.star import STAR
 from models.text_cache import CachedTextEncoder
 from models.text_encoder import build_text_encoder
@@ -38,9 +39,11 @@ def load_vqvae_for(path: str, patch_nums: tuple[int, ...]) -> VQVAE:
 
 
 def load_init_weights(model: STAR, path: str) -> None:
-    """Start from other weights (ours or official; e.g. a lower-resolution run: lvl_embed rows are grown)."""
+    """Start from other weights (ours or official; e.g. a lower-resolution run: lvl_embed rows are grown).
+    A sampler head in an official file is left out."""
     p = Path(path)
     state = load_file(str(p / "model.safetensors")) if p.is_dir() else read_official_state_dict(p)
+    state, _ = split_official_state_dict(state)
     model.load_state_dict(adapt_official_state_dict(state, model), strict=True)
 
 

@@ -1,0 +1,88 @@
+"""train_sampler.py: only the head learns, exact resume, DDP ranks stay in sync, the export is a pipeline dir."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.checkpoint import load_pretrained_sampler, load_pretrained_star, load_pretrained_vqvae, save_pretrained
+from models.star import STAR, StarConfig
+from tests.train_helpers import history, make_vqvae_dir, run_train, star_overrides
+
+TINY_STAR = dict(depth=2, width=64, num_heads=2, vocab_size=64, z_channels=8, text_dim=64, patch_nums=(1, 2, 4))
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sampler")
+    vqvae_dir = make_vqvae_dir(root / "vqvae")
+    torch.manual_seed(1)
+    star = STAR(StarConfig(**TINY_STAR))
+    star.init_weights()
+    save_pretrained(root / "star", star=star, vqvae=load_pretrained_vqvae(vqvae_dir))
+    return vqvae_dir, root / "star"
+
+
+def sampler_args(out_dir, dirs, steps, **extra):
+    vqvae_dir, star_dir = dirs
+    extra = {"stage": "sampler", "sampler_train.backbone": str(star_dir), "sampler_train.sample_from": -1,
+             "model.drop_path_rate": 0.0, "optim.ema_decay": 0.0, **extra}
+    return star_overrides(out_dir, vqvae_dir, steps, **extra)
+
+
+def test_only_the_head_learns_and_loss_falls(tmp_path, dirs):
+    run = run_train(sampler_args(tmp_path / "run", dirs, 40, **{"loop.ckpt_every": 100, "optim.lr": 1e-2,
+                                                               "loop.sample_every": 40,
+                                                               "star_train.sample_prompts": '["a red circle"]'}),
+                    script="train_sampler.py")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [r for r in history(tmp_path / "run") if "loss" in r]
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    assert all(0 <= r["acc_hidden"] <= 1 and 0 <= r["visible_fraction"] <= 1 for r in rows)
+    final = tmp_path / "run" / "final"
+    backbone_in = load_file(str(dirs[1] / "model.safetensors"))
+    backbone_out = load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(backbone_in[k], backbone_out[k]) for k in backbone_in)  # frozen
+    # The export is a complete pipeline directory: backbone + head + VQ-VAE generate together.
+    star = load_pretrained_star(final)
+    head = load_pretrained_sampler(final, star.cfg)
+    assert head is not None and head.sample_from == 2
+    text = (torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.long), torch.randn(2, 64))
+    img = star.generate(load_pretrained_vqvae(final), *text, cfg=2.0, sampler=head,
+                        generator=torch.Generator().manual_seed(0))
+    assert img.shape == (1, 3, 8, 8) and torch.isfinite(img).all()
+    assert (tmp_path / "run" / "samples" / "step_00000040.png").is_file()
+
+
+def test_resume_is_bit_identical(tmp_path, dirs):
+    args = sampler_args(tmp_path / "run", dirs, 8, **{"loop.ckpt_every": 4})
+    assert run_train(args, script="train_sampler.py").returncode == 0
+    reference = load_file(str(tmp_path / "run" / "final" / "sampler.safetensors"))
+    # Forget everything after step 4 and run the same command again: it resumes from ckpt-4.
+    (tmp_path / "run" / "ckpt-00000008.pt").unlink()
+    for f in (tmp_path / "run" / "final").iterdir():
+        f.unlink()
+    resumed = run_train(args, script="train_sampler.py")
+    assert resumed.returncode == 0 and "step 4" in resumed.stderr, resumed.stderr[-3000:]
+    again = load_file(str(tmp_path / "run" / "final" / "sampler.safetensors"))
+    assert all(torch.equal(reference[k], again[k]) for k in reference)
+
+
+def test_ddp_ranks_stay_identical(tmp_path, dirs):
+    """Each rank sees other images and other masks; identical heads afterwards mean the gradients were
+    all-reduced (the official script bypasses DDP, so its ranks drift apart)."""
+    args = sampler_args(tmp_path / "ddp", dirs, 4, **{"loop.ckpt_every": 100})
+    proc = run_train(args, torchrun=2, script="tests/sampler_ranks.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "ddp" / "head_rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "ddp" / "head_rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    init_like = load_file(str(tmp_path / "ddp" / "final" / "sampler.safetensors"))
+    assert all(torch.equal(a[k], init_like[k]) for k in a)  # rank 0's export is that common head
+
+
+def test_train_sampler_rejects_other_stages(tmp_path, dirs):
+    proc = run_train(star_overrides(tmp_path / "x", dirs[0], 2), script="train_sampler.py")
+    assert proc.returncode == 2 and "stage 'sampler'" in proc.stderr
+    proc = run_train(sampler_args(tmp_path / "y", dirs, 2, **{"sampler_train.backbone": ""}),
+                     script="train_sampler.py")
+    assert proc.returncode == 2 and "sampler_train.backbone" in proc.stderr

@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Train the causal-driven sampler head on top of a frozen STAR backbone.
+
+    python train_sampler.py --config=configs/shapes_sampler.json [--section.key=value ...]
+    torchrun --nproc_per_node=8 train_sampler.py --config=... --sampler_train.backbone=outputs/star/final
+
+The backbone (sampler_train.backbone: our checkpoint directory or an official .pth matching model.*), the
+VQ-VAE (star_train.vqvae) and the text encoder stay frozen; only the head is optimised, through the same loop
+as train.py (DDP with synchronised gradients, AMP, exact resume, TensorBoard). The final directory
+(loop.out_dir/final) holds backbone, head, VQ-VAE and text settings: a complete pipeline directory.
+"""
+import sys
+
+import train
+
+if __name__ == "__main__":
+    sys.exit(train.main(sys.argv, required_stage="sampler"))
