@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.sampler_head import SamplerHead, split_official_state_dict
+from models.sampler import SamplerHead, split_official_state_dict
 from models.star import STAR, StarConfig
 from models.vqvae import VQVAE, VQVAEConfig
 

@@ -6,6 +6,7 @@ record RoPE/head-norm settings, so a preset (or an explicit StarConfig) supplies
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.sampler_head import SamplerHead, split_official_state_dict
+from models.sampler import SamplerHead, split_official_state_dict
 from models.star import STAR, StarConfig
 from models.vqvae import PATCH_NUMS, VQVAE, VQVAEConfig
 from utils.config import from_dict, to_dict
@@ -111,6 +112,18 @@ def load_pretrained_vqvae(directory: str | Path) -> VQVAE:
     vae = VQVAE(cfg)
     vae.load_state_dict(load_file(str(Path(directory) / "vqvae.safetensors")), strict=True)
     return vae.eval()
+
+
+def load_vqvae_for(path: str, patch_nums: tuple[int, ...]) -> VQVAE:
+    """A frozen VQ-VAE from our checkpoint directory or VAR's .pth, on the transformer's scale schedule."""
+    p = Path(path)
+    vae = load_pretrained_vqvae(p) if p.is_dir() else load_official_vqvae(p, VQVAEConfig(patch_nums=patch_nums))
+    if tuple(vae.cfg.patch_nums) != tuple(patch_nums):  # the schedule only changes the usage buffer
+        other = VQVAE(dataclasses.replace(vae.cfg, patch_nums=tuple(patch_nums)))
+        other.load_state_dict(vae.state_dict())
+        vae = other
+    vae.eval().requires_grad_(False)
+    return vae
 
 
 # --- official files ---------------------------------------------------------------------------------------------

@@ -235,7 +235,7 @@ class STAR(nn.Module):
                  cfg: float = 4.0, guidance: str | list[float] = "linear", top_k: int = 0, top_p: float = 0.0,
                  gumbel_smooth: bool = False, generator: torch.Generator | None = None,
                  sampler=None, sampler_schedule="default", sampler_cfg: float | None = None,
-                 sampler_noise=None, sampler_step_callback=None,
+                 sampler_noise=None, sampler_step_callback=None, keep_tokens=None, keep=None,
                  return_tokens: bool = False, return_logits: bool = False, scale_callback=None):
         """Generate B images scale by scale with a KV cache and classifier-free guidance.
 
@@ -245,10 +245,13 @@ class STAR(nn.Module):
         ``return_logits`` also the guided logits per scale (of the backbone).
 
         ``sampler``: a ``SamplerHead``; scales from its ``sample_from`` on are filled by masked refinement
-        (``sampler_schedule``: a name of ``models.sampler_head.SCHEDULES`` or a ``MaskSchedule``), its logits
+        (``sampler_schedule``: a name of ``models.sampler.SCHEDULES`` or a ``MaskSchedule``), its logits
         guided with the constant weight ``sampler_cfg`` (default ``cfg``, as official). ``sampler_noise``
         replaces the source of random positions (parity checks replay the official RNG stream with it);
         ``sampler_step_callback(step, idx, committed)`` observes every refinement step.
+
+        Editing: ``keep_tokens`` and ``keep`` (lists of (B, pn^2) per scale) force token ``keep_tokens[s]``
+        wherever ``keep[s]`` is True (teacher forcing of the known region at every scale).
         """
         B2 = text_hidden.shape[0]
         if B2 % 2:
@@ -290,9 +293,10 @@ class STAR(nn.Module):
             if return_logits:
                 guided_logits.append(logits.clone())
             if sampler is not None and si >= sampler.sample_from:
+                known = None if keep is None else (keep_tokens[si], keep[si])
                 idx = sampler.sample_scale(self, si, x, logits, text_pooled[:rows], codebook, sampler_cfg,
                                            top_k, top_p, sampler_schedule, generator, sampler_noise,
-                                           sampler_step_callback)
+                                           sampler_step_callback, known)
                 h = codebook[idx]
             elif gumbel_smooth:
                 ratio = si / max(S - 1, 1)
@@ -302,6 +306,9 @@ class STAR(nn.Module):
             else:
                 idx = sample_tokens(logits, top_k, top_p, generator)
                 h = codebook[idx]
+            if keep is not None:
+                idx = torch.where(keep[si], keep_tokens[si], idx)
+                h = torch.where(keep[si].unsqueeze(-1), codebook[idx], h)
             tokens.append(idx)
             h = h.transpose(1, 2).reshape(B, self.cfg.z_channels, pn, pn)
             f_hat, next_map = vqvae.quantize.next_ar_input(si, f_hat, h.to(f_hat.dtype))

@@ -6,6 +6,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$REPO_ROOT"
 want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.star-requirements.sha256"
+# Headless Chromium for the demo's browser test (Debian package; needs root and the Debian mirror).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian chromium (browser test of demo_gradio.py)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[setup] chromium missing and not root: tests/test_demo.py's browser test will fail; install 'chromium'"
+  fi
+fi
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[setup] reusing $VENV (requirements unchanged)"
   exit 0

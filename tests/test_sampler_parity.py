@@ -16,7 +16,7 @@ import torch
 
 from metrics.parity import OfficialPositionNoise, _load, build_reference_sampler, build_reference_vqvae
 from models import build_star, star_config
-from models.sampler_head import SamplerHead, arccos_counts, split_official_state_dict, visible_probability
+from models.sampler import SamplerHead, arccos_counts, split_official_state_dict, visible_probability
 from tests.helpers import read_manifest, run_check_parity
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoint import save_pretrained
-from models.sampler_head import SamplerHead, visible_probability
+from models.sampler import SamplerHead, visible_probability
 from trainer.config import RunConfig
 from trainer.optim import with_ema_weights
 from trainer.star_stage import StarStage, load_init_weights

@@ -1,7 +1,6 @@
 """STAR transformer training step: frozen VQ-VAE tokens + frozen text features -> teacher-forced cross-entropy."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -11,31 +10,17 @@ from torch import nn
 
 from models.checkpoint import (
     adapt_official_state_dict,
-    load_official_vqvae,
-    load_pretrained_vqvae,
+    load_vqvae_for,
     read_official_state_dict,
     save_pretrained,
 )
-from models.sampler_head import split_official_state_dict
+from models.sampler import split_official_state_dict
 from models.star import STAR
 from models.text_cache import CachedTextEncoder
 from models.text_encoder import build_text_encoder
-from models.vqvae import VQVAE, VQVAEConfig
 from trainer.config import RunConfig
 from trainer.optim import with_ema_weights
 from utils.config import to_dict
-
-
-def load_vqvae_for(path: str, patch_nums: tuple[int, ...]) -> VQVAE:
-    """A frozen VQ-VAE from our checkpoint directory or VAR's .pth, on the transformer's scale schedule."""
-    p = Path(path)
-    vae = load_pretrained_vqvae(p) if p.is_dir() else load_official_vqvae(p, VQVAEConfig(patch_nums=patch_nums))
-    if tuple(vae.cfg.patch_nums) != tuple(patch_nums):  # the schedule only changes the usage buffer
-        other = VQVAE(dataclasses.replace(vae.cfg, patch_nums=tuple(patch_nums)))
-        other.load_state_dict(vae.state_dict())
-        vae = other
-    vae.eval().requires_grad_(False)
-    return vae
 
 
 def load_init_weights(model: STAR, path: str) -> None:

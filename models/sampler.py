@@ -156,12 +156,13 @@ class SamplerHead(nn.Module):
     def sample_scale(self, star: STAR, si: int, hidden: torch.Tensor, backbone_logits: torch.Tensor,
                      pooled: torch.Tensor, codebook: torch.Tensor, cfg: float, top_k: int, top_p: float,
                      schedule: str | MaskSchedule, generator: torch.Generator | None,
-                     position_noise=None, step_callback=None) -> torch.Tensor:
+                     position_noise=None, step_callback=None, known: tuple | None = None) -> torch.Tensor:
         """Fill scale ``si`` of B images: hidden (R, n, C) backbone hidden states (R = 2B with the unconditional
         rows, else B), backbone_logits (B, n, V) already guided, pooled (R, Dt). Head logits are guided with
         the constant weight ``cfg``. ``position_noise(shape, generator, device)`` gives the uniform scores of
         the random-position steps (default ``uniform_noise``); ``step_callback(step, idx, committed)`` sees the
-        tokens sampled at every step and the committed mask after it. Returns token indices (B, n)."""
+        tokens sampled at every step and the committed mask after it. ``known`` = (tokens, keep), each (B, n):
+        positions where ``keep`` is True start committed to ``tokens`` (editing). Returns indices (B, n)."""
         position_noise = position_noise or uniform_noise
         schedule = schedule_for_scale(schedule, si)
         R, n, _ = hidden.shape
@@ -171,6 +172,9 @@ class SamplerHead(nn.Module):
         levels = star.level_ids[begin:end]
         committed = torch.zeros(B, n, dtype=torch.bool, device=hidden.device)
         chosen = torch.zeros(B, n, dtype=torch.long, device=hidden.device)
+        if known is not None:
+            chosen = torch.where(known[1], known[0], chosen)
+            committed |= known[1]
 
         def commit(new_idx: torch.Tensor, score: torch.Tensor, count: int) -> None:
             pick = torch.zeros_like(committed).scatter_(1, score.topk(count, dim=1).indices, True)

@@ -1,0 +1,199 @@
+"""StarPipeline: text encoder + STAR transformer (+ sampler head) + VQ-VAE decoder, for inference.
+
+    pipe = StarPipeline.from_pretrained("outputs/quickstart/pipeline")            # our directory format
+    pipe = StarPipeline.from_pretrained("star_1024.pth", preset="star-d30-1024",   # an official checkpoint
+                                        vae="vae_ch160v4096z32.pth", text_encoder=("hf-clip", "clip-vit-h"))
+    images = pipe(["a red circle"], cfg=4.0, top_k=900, top_p=0.95, seed=0)      # list of PIL images
+    pipe.save_pretrained("my_pipeline")
+
+Editing (zero-shot in-/out-painting): ``pipe.edit(prompt, image, mask)`` regenerates the masked region and
+keeps every token outside it, at every scale, by teacher forcing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models.checkpoint import (
+    CheckpointError,
+    load_official_star_and_sampler,
+    load_pretrained_sampler,
+    load_pretrained_star,
+    load_vqvae_for,
+    read_config,
+    save_pretrained,
+)
+from models.sampler import SamplerHead
+from models.star import STAR
+from models.text_encoder import TextEncoder, build_text_encoder
+from models.vqvae import VQVAE
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (no fast half kernels there); the given dtype (default bf16) as autocast dtype on CUDA."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+        dtype = _DTYPES[dtype]
+    if device.type != "cuda":
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"{dtype} on {device.type}: half precision is for CUDA; this device runs fp32")
+        return torch.float32
+    return dtype or torch.bfloat16
+
+
+def keep_masks(mask: torch.Tensor, patch_nums: tuple[int, ...]) -> list[torch.Tensor]:
+    """Region mask (B, H, W), 1 = regenerate -> per scale bool (B, pn^2), True = keep the original token.
+    A token is kept when less than half of its area is masked."""
+    m = mask.float().unsqueeze(1)
+    return [(F.interpolate(m, size=(pn, pn), mode="area") < 0.5).flatten(1) for pn in patch_nums]
+
+
+class StarPipeline:
+    def __init__(self, star: STAR, vqvae: VQVAE, text_encoder: TextEncoder, sampler: SamplerHead | None = None,
+                 device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                 text_config: dict | None = None):
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.star = star.to(self.device).eval()
+        self.vqvae = vqvae.to(self.device).eval()
+        self.text_encoder = text_encoder.to(self.device).eval()
+        self.sampler = sampler.to(self.device).eval() if sampler is not None else None
+        self.text_config = text_config or {}
+        if text_encoder.dim != star.cfg.text_dim:
+            raise ValueError(f"text encoder gives {text_encoder.dim}-d features, the model expects {star.cfg.text_dim}")
+        if tuple(vqvae.cfg.patch_nums) != tuple(star.cfg.patch_nums):
+            raise ValueError(f"VQ-VAE schedule {vqvae.cfg.patch_nums} != transformer schedule {star.cfg.patch_nums}")
+
+    # --- loading and saving -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, vae: str | Path | VQVAE | None = None,
+                        text_encoder: TextEncoder | str | tuple[str, str | None] | None = None,
+                        preset: str | None = None, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None, **star_overrides) -> StarPipeline:
+        """``path``: our directory (config.json + safetensors) or an official ``.pth`` (then ``preset``, ``vae``
+        and ``text_encoder`` are required: the file holds only the transformer). ``vae``: a VQVAE, our directory
+        or VAR's ``.pth``; ``text_encoder``: an encoder, a kind (``"tiny"``) or ``(kind, local path)``."""
+        path = Path(path)
+        text_config: dict = {}
+        if path.is_dir():
+            star = load_pretrained_star(path, **star_overrides)
+            sampler = load_pretrained_sampler(path, star.cfg)
+            text_config = read_config(path).get("text", {})
+            if vae is None and (path / "vqvae.safetensors").is_file():
+                vae = path
+        elif path.is_file():
+            if preset is None:
+                raise CheckpointError(f"{path} is an official checkpoint: pass preset= (see OFFICIAL_PRESETS)")
+            star, sampler = load_official_star_and_sampler(path, preset)
+        else:
+            raise CheckpointError(f"no checkpoint at {path}")
+        vqvae = _load_vae(vae, star)
+        if text_encoder is None:
+            if not text_config:
+                raise CheckpointError(f"{path} does not name its text encoder: pass text_encoder=(kind, path)")
+            text_encoder = (text_config["encoder"], text_config.get("path"))
+        if isinstance(text_encoder, str):
+            text_encoder = (text_encoder, None)
+        if isinstance(text_encoder, tuple):
+            kind, enc_path = text_encoder
+            text_config = {"encoder": kind, "path": enc_path}
+            text_encoder = build_text_encoder(kind, enc_path)
+        return cls(star, vqvae, text_encoder, sampler, device, dtype, text_config)
+
+    @classmethod
+    def tiny_random(cls, seed: int = 0, device: str | torch.device = "cpu") -> StarPipeline:
+        """The embedded tiny model (randomly initialised, 64x64, tiny text encoder): for demos and tests of the
+        plumbing when no checkpoint is at hand. Its images are noise-like."""
+        from models import build_star, build_vqvae, star_config, vqvae_config
+        torch.manual_seed(seed)
+        star, vqvae = build_star(star_config("star-tiny")), build_vqvae(vqvae_config("vqvae-tiny"))
+        return cls(star, vqvae, build_text_encoder("tiny"), device=device, text_config={"encoder": "tiny"})
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return save_pretrained(directory, star=self.star, vqvae=self.vqvae, sampler=self.sampler,
+                               extra_config={"text": self.text_config})
+
+    # --- generation -------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], negative: list[str]):
+        hidden, mask, pooled = self.text_encoder.encode(list(prompts) + list(negative))
+        return hidden.to(self.device), mask.to(self.device), pooled.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | list[str], negative_prompt: str | list[str] = "", cfg: float = 4.0,
+                 top_k: int = 900, top_p: float = 0.95, seed: int | None = None, use_sampler: bool = True,
+                 guidance_schedule: str | list[float] = "linear", sampler_schedule: str = "default",
+                 num_images: int = 1, return_tokens: bool = False, progress: bool = False,
+                 keep_tokens: list[torch.Tensor] | None = None, keep: list[torch.Tensor] | None = None):
+        """Images for ``prompts`` (each repeated ``num_images`` times, in order) as a list of PIL images; with
+        ``return_tokens`` also the token maps [(N, pn^2)] per scale. One batch, seeded by ``seed`` (None:
+        random). ``negative_prompt`` replaces "" as the unconditional text. ``keep_tokens``/``keep`` (per
+        scale (N, pn^2)): tokens forced where ``keep`` is True (editing; see ``edit``)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [p for p in prompts for _ in range(num_images)]
+        negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else \
+            [n for n in negative_prompt for _ in range(num_images)]
+        if len(negative) != len(prompts):
+            raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        generator = torch.Generator(self.device).manual_seed(seed)
+        text = self.encode_text(prompts, negative)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.star.num_scales, desc="scales", leave=False)
+        with self._autocast():
+            img, tokens = self.star.generate(
+                self.vqvae, *text, cfg=cfg, guidance=guidance_schedule, top_k=top_k, top_p=top_p,
+                generator=generator, sampler=self.sampler if use_sampler else None,
+                sampler_schedule=sampler_schedule, return_tokens=True, keep_tokens=keep_tokens, keep=keep,
+                scale_callback=(lambda si: bar.update(1)) if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        images = to_pil(img)
+        return (images, tokens) if return_tokens else images
+
+    @torch.no_grad()
+    def edit(self, prompt: str, image: Image.Image, mask: Image.Image | np.ndarray, **kwargs):
+        """In-/out-painting: regenerate where ``mask`` is set (white / nonzero), keep the rest of ``image``'s
+        tokens at every scale. Other keyword arguments as in ``__call__``."""
+        size = self.vqvae.cfg.image_size
+        img = image.convert("RGB").resize((size, size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(self.device)
+        m = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask, dtype=np.float32)
+        m = torch.from_numpy(m / max(m.max(), 1e-8))[None, None]
+        m = F.interpolate(m, size=(size, size), mode="nearest")[:, 0].to(self.device)
+        n = kwargs.get("num_images", 1)
+        known = [t.repeat(n, 1) for t in self.vqvae.img_to_idx(x)]
+        keep = [k.repeat(n, 1) for k in keep_masks(m, self.star.cfg.patch_nums)]
+        return self(prompt, keep_tokens=known, keep=keep, **kwargs)
+
+
+def _load_vae(vae, star: STAR) -> VQVAE:
+    if isinstance(vae, VQVAE):
+        return vae
+    if vae is None:
+        raise CheckpointError("no VQ-VAE: pass vae= (our directory or VAR's vae_ch160v4096z32.pth)")
+    return load_vqvae_for(vae, star.cfg.patch_nums)
+
+
+def to_pil(img: torch.Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in [0, 1] -> PIL images."""
+    arr = img.float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Generate images with a STAR pipeline.
+
+    python sample.py --ckpt outputs/quickstart/pipeline --prompt "a red circle at the top left" --seed 0
+    python sample.py --ckpt DIR --prompts prompts.txt --out samples/ --grid          # one prompt per line
+    python sample.py --ckpt DIR --prompts items.jsonl --out samples/                 # {"prompt": .., "seed": ..}
+    torchrun --nproc_per_node=8 sample.py --ckpt DIR --prompts big.jsonl --out samples/   # sharded, resumable
+    python sample.py --ckpt DIR --prompt "a blue square" --edit-image in.png --edit-mask mask.png
+    python sample.py --ckpt star.pth --preset star-d30-1024 --vae vae_ch160v4096z32.pth \\
+        --text-encoder hf-clip --text-encoder-path /models/clip-vit-h --prompt "..."
+
+Each item i writes OUT/{i:06d}_{k}.png (k < --num-images) and OUT/{i:06d}.json (prompt, seed and every
+setting). Item i is generated with seed (item seed or --seed + i): the same command gives the same images,
+however the items are sharded over ranks. Items whose files exist are skipped, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from models.checkpoint import OFFICIAL_PRESETS
+from models.pipeline import StarPipeline
+from models.sampler import SCHEDULES
+from utils import dist
+
+
+def read_items(args) -> list[dict]:
+    """[{"prompt", "seed"?, ...}] from --prompt or a .txt / .jsonl file."""
+    if args.prompt is not None:
+        return [{"prompt": args.prompt}]
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise SystemExit(f"prompt file not found: {path}")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        items = []
+        for n, line in enumerate(lines, 1):
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: invalid JSON ({e})") from None
+            if not isinstance(item, dict) or "prompt" not in item:
+                raise SystemExit(f"{path}:{n}: each line needs a JSON object with a 'prompt'")
+            items.append(item)
+        return items
+    return [{"prompt": line.strip()} for line in lines]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model")
+    src.add_argument("--ckpt", help="our pipeline directory, or an official .pth (with --preset); "
+                                    "omitted: the embedded random tiny model (plumbing only)")
+    src.add_argument("--preset", choices=sorted(OFFICIAL_PRESETS), help="architecture of an official .pth")
+    src.add_argument("--vae", help="VQ-VAE: our directory or VAR's vae_ch160v4096z32.pth (default: from --ckpt)")
+    src.add_argument("--text-encoder", help="hf-clip | open_clip | t5 | tiny | minilm (default: from --ckpt)")
+    src.add_argument("--text-encoder-path", help="local weights of the text encoder")
+    src.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    src.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (CUDA autocast; default bf16 there)")
+    what = p.add_argument_group("prompts").add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt")
+    what.add_argument("--prompts", help=".txt (one prompt per line) or .jsonl ({'prompt', optional 'seed'})")
+    gen = p.add_argument_group("sampling")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--cfg", type=float, default=4.0)
+    gen.add_argument("--top-k", type=int, default=900)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--guidance", default="linear", help="linear | constant | window:i:j")
+    gen.add_argument("--no-sampler", action="store_true", help="do not use the sampler head even if present")
+    gen.add_argument("--sampler-schedule", default="default", choices=SCHEDULES)
+    gen.add_argument("--seed", type=int, default=0, help="item i uses seed + i unless its JSONL line has 'seed'")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("--edit-image", help="in/out-painting: the image to edit (with --edit-mask and --prompt)")
+    gen.add_argument("--edit-mask", help="white = regenerate, black = keep")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="samples")
+    out.add_argument("--grid", action="store_true", help="also write grid.png of all images (rank 0)")
+    out.add_argument("--overwrite", action="store_true", help="regenerate items whose files exist")
+    args = p.parse_args(argv)
+    if bool(args.edit_image) != bool(args.edit_mask):
+        p.error("--edit-image and --edit-mask go together")
+    if args.edit_image and args.prompt is None:
+        p.error("editing takes one --prompt")
+    return args
+
+
+def load_pipeline(args) -> StarPipeline:
+    if args.ckpt is None:
+        print("[sample] no --ckpt: using the embedded random tiny model (images are noise)", file=sys.stderr)
+        return StarPipeline.tiny_random(device=args.device)
+    text = (args.text_encoder, args.text_encoder_path) if args.text_encoder else None
+    return StarPipeline.from_pretrained(args.ckpt, vae=args.vae, text_encoder=text, preset=args.preset,
+                                       device=args.device, dtype=args.dtype)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = dist.init_distributed([])  # torchrun: one shard per rank, each on its own GPU
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world > 1 and device.type == "cuda":
+        args.device = str(device)
+    items = read_items(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args)
+    settings = dict(negative_prompt=args.negative_prompt, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                    guidance_schedule=args.guidance, use_sampler=not args.no_sampler and pipe.sampler is not None,
+                    sampler_schedule=args.sampler_schedule, num_images=args.num_images)
+    done = 0
+    for i in range(rank, len(items), world):  # rank r takes items r, r+world, ...: no duplicates, no gaps
+        item = items[i]
+        meta_path = out / f"{i:06d}.json"
+        if meta_path.is_file() and not args.overwrite:
+            continue
+        seed = int(item.get("seed", args.seed + i))
+        if args.edit_image:
+            images = pipe.edit(item["prompt"], Image.open(args.edit_image), Image.open(args.edit_mask), seed=seed,
+                               **settings)
+        else:
+            images = pipe(item["prompt"], seed=seed, **settings)
+        files = []
+        for k, image in enumerate(images):
+            files.append(f"{i:06d}_{k}.png")
+            image.save(out / files[-1])
+        meta = {**item, "index": i, "seed": seed, **settings, "files": files, "ckpt": args.ckpt,
+                "edit_image": args.edit_image, "edit_mask": args.edit_mask}
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(meta_path)  # written last: an item counts as done only with all its images on disk
+        done += 1
+    dist.barrier()
+    if args.grid and rank == 0:
+        write_grid(out, len(items), args.num_images)
+    print(json.dumps({"rank": rank, "generated": done, "items": len(items), "out": str(out)}))
+    dist.destroy()
+    return 0
+
+
+def write_grid(out: Path, n_items: int, per_item: int) -> None:
+    from torchvision.transforms.functional import pil_to_tensor
+    from torchvision.utils import make_grid, save_image
+    files = [out / f"{i:06d}_{k}.png" for i in range(n_items) for k in range(per_item)]
+    tensors = [pil_to_tensor(Image.open(f).convert("RGB")).float() / 255 for f in files if f.is_file()]
+    if tensors:
+        save_image(make_grid(tensors, nrow=min(8, len(tensors))), out / "grid.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
