@@ -123,3 +123,20 @@ def test_sample_py_torchrun_shards_without_duplicates(pipe, tmp_path):
     for i in range(5):  # sharding does not change any image
         a, b = (np.asarray(Image.open(tmp_path / d / f"{i:06d}_0.png")) for d in ("o", "one"))
         assert np.array_equal(a, b)
+
+
+def test_eval_shapes_script_writes_table_and_examples(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "p")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "eval_shapes.py"), "--ckpt", str(tmp_path / "p"),
+                           "--count", "6", "--batch-size", "4", "--compare-sampler", "--out", str(tmp_path / "e")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "e" / "judge.json").read_text())
+    for run in ("with_sampler", "without_sampler"):
+        summary = report[run]["summary"]
+        assert summary["overall"]["n"] == 6 and summary["one"]["n"] == 3 and summary["two"]["n"] == 3
+        assert 0 <= summary["overall"]["all_correct"] <= 1
+        assert len(report[run]["prompts"]) == 6
+        assert Image.open(tmp_path / "e" / f"examples_{run}.png").size[0] == 4 * 128
+    assert "all_correct" in proc.stdout

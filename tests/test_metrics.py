@@ -1,0 +1,137 @@
+"""FID, CLIP score and CMMD against independent references; eval_mjhq.py end to end on a fake MJHQ layout."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from metrics.clip_score import ClipEmbedder, clip_score
+from metrics.cmmd import cmmd
+from metrics.fid import (
+    InceptionFeatures,
+    feature_stats,
+    find_inception_weights,
+    frechet_distance,
+    load_stats,
+    save_stats,
+)
+from tests.helpers import REPO
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    import open_clip
+    folder = tmp_path_factory.mktemp("clipcfg")
+    (folder / "star-tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("star-tiny-clip", pretrained=None)
+    return ClipEmbedder("star-tiny-clip", model=model, preprocess=preprocess)
+
+
+def test_fid_equals_pytorch_fid_and_is_zero_on_itself():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(0.3, 1.5, size=(200, 16)) @ rng.normal(size=(16, 16))
+    sa, sb = feature_stats(a), feature_stats(b)
+    ours, theirs = frechet_distance(*sa, *sb), calculate_frechet_distance(*sa, *sb)
+    assert ours == pytest.approx(theirs, rel=1e-8)
+    assert abs(frechet_distance(*sa, *sa)) < 1e-8
+
+
+def test_fid_closed_forms():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    v1, v2 = rng.uniform(0.5, 2, size=5), rng.uniform(0.5, 2, size=5)
+    expected = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()  # diagonal covariances
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-10)
+    a = rng.normal(size=(5, 5))
+    s = a @ a.T  # S2 = c S1: Tr(S1 + c S1 - 2 sqrt(c) S1) = (1 - sqrt(c))^2 Tr S1
+    assert frechet_distance(mu1, s, mu1, 4 * s) == pytest.approx(np.trace(s), rel=1e-8)
+
+
+def test_stats_round_trip_and_missing_weights_message(tmp_path):
+    mu, sigma = feature_stats(np.random.default_rng(2).normal(size=(10, 3)))
+    save_stats(tmp_path / "s.npz", mu, sigma)
+    mu2, sigma2 = load_stats(tmp_path / "s.npz")
+    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
+        find_inception_weights(tmp_path / "absent.pth")
+    with pytest.raises(FileNotFoundError, match="does not download"):
+        InceptionFeatures(tmp_path / "absent.pth")
+
+
+def test_clip_score_equals_naive_reference(tiny_clip):
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)) for _ in range(4)]
+    prompts = ["a red circle", "a blue square", "two cats " * 200, "x"]  # the long one is truncated, not an error
+    img, txt = tiny_clip.images(images), tiny_clip.texts(prompts)
+    naive = []
+    with torch.no_grad():
+        for im, p in zip(images, prompts):
+            a = tiny_clip.model.encode_image(tiny_clip.preprocess(im)[None])[0].double()
+            tokens = tiny_clip.tokenizer([p])
+            b = tiny_clip.model.encode_text(tokens)[0].double()
+            naive.append(float(a @ b) / float(a.norm() * b.norm()))
+    assert clip_score(img, txt) == pytest.approx(sum(naive) / len(naive), abs=1e-6)
+
+
+def test_cmmd_equals_naive_reference_and_grows_with_shift(tiny_clip):
+    g = torch.Generator().manual_seed(4)
+    x = F.normalize(torch.randn(7, 8, generator=g, dtype=torch.float64), dim=-1)
+    y = F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1)
+
+    def k(a, b):
+        return float(torch.exp(-((a - b) ** 2).sum() / (2 * 10.0 ** 2)))
+
+    def mean_k(a, b):
+        return sum(k(p, q) for p in a for q in b) / (len(a) * len(b))
+
+    naive = 1000 * (mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y))
+    assert cmmd(x, y) == pytest.approx(naive, rel=1e-9)
+    assert cmmd(x, x) == 0.0
+    shifts = [cmmd(x, x + s) for s in (0.0, 0.1, 0.3, 1.0)]
+    assert shifts[0] == 0 and all(a < b for a, b in zip(shifts, shifts[1:]))
+
+
+class StandInInception:
+    """A fixed random projection of pooled pixels: the FID code path without the real Inception weights."""
+    def __init__(self):
+        self.proj = torch.randn(3 * 8 * 8, 12, generator=torch.Generator().manual_seed(5))
+
+    def __call__(self, images):
+        return (F.adaptive_avg_pool2d(images, 8).flatten(1) @ self.proj).double().numpy()
+
+
+def test_eval_mjhq_end_to_end_on_a_fake_layout(tmp_path, tiny_clip):
+    spec = importlib.util.spec_from_file_location("eval_mjhq", REPO / "scripts" / "eval_mjhq.py")
+    eval_mjhq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_mjhq)
+    from models.pipeline import StarPipeline
+    rng = np.random.default_rng(6)
+    meta = {}
+    for i in range(10):
+        cat = ("animals", "people")[i % 2]
+        name = f"img{i:03d}"
+        meta[name] = {"category": cat, "prompt": f"a photo number {i} of {cat}"}
+        (tmp_path / "imgs" / cat).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cat / f"{name}.jpg")
+    (tmp_path / "meta_data.json").write_text(json.dumps(meta))
+    args = ["--meta", str(tmp_path / "meta_data.json"), "--images", str(tmp_path / "imgs"), "--out",
+            str(tmp_path / "out"), "--top-k", "0", "--top-p", "0", "--batch-size", "4"]
+    pipe = StarPipeline.tiny_random()
+    assert eval_mjhq.main(args, pipe=pipe, extractors=(StandInInception(), tiny_clip)) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("fid", "clip_score", "cmmd"):
+        assert set(metrics[key]) == {"animals", "people", "overall"}
+        assert all(np.isfinite(v) for v in metrics[key].values())
+    assert metrics["count"] == {"animals": 5, "people": 5, "overall": 10}
+    assert len(list((tmp_path / "out" / "generated").rglob("*.png"))) == 10
+    assert (tmp_path / "out" / "radar.png").stat().st_size > 10_000
+    assert metrics["cmmd"]["overall"] > 0 and metrics["fid"]["overall"] > 0
