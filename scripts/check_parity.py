@@ -20,6 +20,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-dir", required=True, type=Path)
     parser.add_argument("--part", default="all", choices=[*PARTS, "all"])
+    parser.add_argument("--out", type=Path, help="also write the JSON result to this file")
     parser.add_argument("--device", default="cpu", help="run our models here (fp32; TF32 is switched off)")
     parser.add_argument("--float-tol", type=float, default=1e-5,
                         help="max-abs tolerance for float tensors (1e-5 holds on the reference CPU; "
@@ -34,6 +35,8 @@ def main() -> int:
     parts = list(PARTS) if args.part == "all" else [args.part]
     result = run(args.reference_dir, parts, args.device, args.float_tol)
     print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
     return 0 if result["pass"] else 1
 
 

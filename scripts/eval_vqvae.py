@@ -30,6 +30,7 @@ def main() -> int:
     p.add_argument("--split", default="heldout", choices=["train", "heldout"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--out", type=Path, help="also write the JSON report to this file")
     args = p.parse_args()
     if args.vqvae:
         vae = load_pretrained_vqvae(args.vqvae)
@@ -53,8 +54,11 @@ def main() -> int:
             verdicts.append(judge(px, s.caption))
             kinds.append(parse_prompt(s.caption)["kind"])
     psnr = float(np.mean([10 * np.log10(1 / max(m, 1e-10)) for m in mses]))
-    print(json.dumps({"psnr_db": psnr, "count": len(samples), "split": args.split, "image_size": size,
-                      "judge_on_reconstructions": summarize(verdicts, kinds)}, indent=1))
+    report = json.dumps({"psnr_db": psnr, "count": len(samples), "split": args.split, "image_size": size,
+                         "judge_on_reconstructions": summarize(verdicts, kinds)}, indent=1)
+    print(report)
+    if args.out:
+        args.out.write_text(report)
     return 0
 
 
