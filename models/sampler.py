@@ -133,9 +133,6 @@ class SamplerHead(nn.Module):
         return self.head_logits2(self.norm(f[:, 1:].float())).float()
 
     # --- pieces for training and generation -------------------------------------------------------------------
-    def scales(self) -> range:
-        return range(self.sample_from, len(self.cfg.patch_nums))
-
     def rope_for(self, star: STAR, begin: int, end: int):
         """RoPE of [text token at (0, 0) ; backbone tokens begin..end-1]."""
         rope = star.rope_slice(0, 1)
