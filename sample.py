@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             images = pipe.edit(item["prompt"], Image.open(args.edit_image), Image.open(args.edit_mask), seed=seed,
                                **settings)
         else:
-            images = pipe(item["prompt"], seed=seed, **settings)
+            images = pipe(item["prompt"], seed=seed, progress=rank == 0, **settings)
         files = []
         for k, image in enumerate(images):
             files.append(f"{i:06d}_{k}.png")

@@ -34,7 +34,8 @@ def evaluate_pipeline(pipe, count: int = 200, seed: int = 0, batch_size: int = 1
 
 
 def examples_sheet(images: list[Image.Image], rows: list[dict], path: Path, n: int = 16, cell: int = 128) -> None:
-    """A grid of the first ``n`` images, each with its prompt and a check/cross for all-correct."""
+    """A grid of the first ``n`` images, each with its prompt and the judge's all-correct verdict (OK / NO; the
+    default bitmap font has no check-mark glyphs)."""
     n = min(n, len(images))
     cols = 4
     sheet = Image.new("RGB", (cols * cell, ((n + cols - 1) // cols) * (cell + 30)), "white")
@@ -43,7 +44,8 @@ def examples_sheet(images: list[Image.Image], rows: list[dict], path: Path, n: i
         x, y = (i % cols) * cell, (i // cols) * (cell + 30)
         sheet.paste(images[i].resize((cell, cell), Image.NEAREST), (x, y))
         ok = rows[i]["verdict"]["all_correct"]
-        draw.text((x + 2, y + 2), "\u2713" if ok else "\u2717", fill=(0, 160, 0) if ok else (200, 0, 0))
+        draw.rectangle((x, y, x + 17, y + 11), fill="white")
+        draw.text((x + 2, y), "OK" if ok else "NO", fill=(0, 150, 0) if ok else (210, 0, 0))
         words, line, lines = rows[i]["prompt"].split(), "", []
         for w in words:  # wrap to the cell width (~21 characters of the default font)
             if len(line) + len(w) > 21:
