@@ -114,6 +114,15 @@ class MultiScaleQuantizer(nn.Module):
             out.append(f_hat.clone() if return_fhat else idx_N.view(B, pn * pn))
         return out
 
+    @torch.no_grad()
+    def residual_inputs(self, f_BChw: torch.Tensor) -> list[torch.Tensor]:
+        """What the nearest-code lookup sees at every scale: the residual, area-resized to (B, Cvae, pn, pn)."""
+        f = f_BChw.float()
+        before = [torch.zeros_like(f), *self.f_to_idx(f, return_fhat=True)[:-1]]  # f_hat before each scale
+        last = self.num_scales - 1
+        return [f - fh if si == last else F.interpolate(f - fh, size=(pn, pn), mode="area")
+                for si, (fh, pn) in enumerate(zip(before, self.patch_nums))]
+
     def idx_to_var_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
         """Teacher-forcing input for the transformer: (B, L - 1, Cvae) float32, the area-resized cumulative
         f_hat before every scale after the first."""

@@ -131,3 +131,35 @@ def test_perceptual_loss_from_local_files(tmp_path):
     assert d.item() > 0 and y.grad.abs().sum() > 0
     with pytest.raises(FileNotFoundError, match="perceptual loss weights not found"):
         PerceptualLoss(tmp_path / "missing.pth", tmp_path / "lin.pth")
+
+
+def test_dead_code_restart_reseeds_only_codes_unused_in_the_window():
+    """Codes hit in the window keep their vectors; the rest move onto residual vectors the quantizer sees, and
+    a restarted code that then stays unused is restarted again at the next check (no grace period)."""
+    from trainer.config import RunConfig
+    from trainer.vqvae_stage import VQVAEStage
+    from utils.config import load_config
+    cfg = load_config(RunConfig, None, ["--stage=vqvae", "--vqvae.vocab_size=16", "--vqvae.z_channels=4",
+                                        "--vqvae.ch=32", "--vqvae.ch_mult=[1,2]", "--vqvae.patch_nums=[1,2,4]",
+                                        "--vqvae_train.restart_dead_every=2"])
+    torch.manual_seed(0)
+    stage = VQVAEStage(cfg, torch.device("cpu"))
+    q = stage.model.quantize
+    stage._latents = torch.randn(2, 4, 4, 4)
+    pool = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, 4) for z in q.residual_inputs(stage._latents)])
+    before = q.embedding.weight.detach().clone()
+    stage._window_hits[:8] = 50.0                       # codes 0..7 used, 8..15 dead
+    stage.after_step(1, {})                              # not a check step: nothing happens
+    assert torch.equal(q.embedding.weight, before)
+    metrics = {}
+    stage.after_step(2, metrics)
+    assert metrics["restarted_codes"] == 8
+    assert torch.equal(q.embedding.weight[:8], before[:8])
+    moved = q.embedding.weight[8:].detach()
+    nearest = torch.cdist(moved, pool).min(1).values
+    assert (nearest < 0.05 * pool.std()).all()          # each restarted code sits on a pool vector (+ jitter)
+    assert stage._window_hits.sum() == 0                 # a new window starts
+    stage._window_hits[:8] = 50.0                        # the restarted codes stay unused
+    metrics = {}
+    stage.after_step(4, metrics)
+    assert metrics["restarted_codes"] == 8

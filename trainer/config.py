@@ -90,8 +90,8 @@ class VQVAETrainConfig:
     disc_weight: float = 0.0               # > 0: patch discriminator (hinge GAN) from step disc_start on
     disc_start: int = 0
     disc_lr: float = 1e-4
-    restart_dead_every: int = 100          # 0: never; else re-seed unused codes from the batch's latents
-    dead_threshold: float = 0.03           # an entry is dead when its usage EMA falls below this
+    restart_dead_every: int = 100          # 0: never; else every N steps re-seed the codes dead in those N steps
+    dead_threshold: float = 0.03           # dead: hit less than this fraction of a uniform share in the window
 
 
     def validate(self) -> None:

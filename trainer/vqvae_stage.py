@@ -54,6 +54,10 @@ class VQVAEStage:
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=self.tcfg.disc_lr, betas=(0.5, 0.9))
         self._step = 0
         self._latents = None
+        # Codebook hits (all scales, all ranks) since the last dead-code check; a code is dead when the window
+        # saw (almost) none of it. A window rather than the usage EMA: restarted codes get no grace period in
+        # which unused ones look alive.
+        self._window_hits = torch.zeros(cfg.vqvae.vocab_size, dtype=torch.float64)
         self._fixed_batch = None
 
     def loss(self, model: nn.Module, batch: dict):
@@ -76,6 +80,7 @@ class VQVAEStage:
                 tdist.all_reduce(hits)
             share = hits / hits.sum(1, keepdim=True).clamp_min(1) * q.vocab_size  # 1.0 = uniform usage
             q.ema_vocab_hit_SV.mul_(0.99).add_(share, alpha=0.01)
+            self._window_hits += hits.sum(0).double().cpu()
             self._latents = f.detach().float()
             metrics = {"recon": recon.item(), "vq": vq_loss.item(), "psnr": psnr(rec, img)}
             if perceptual is not None:
@@ -106,13 +111,15 @@ class VQVAEStage:
 
     def state_dict(self) -> dict:
         """Stage state that must survive a resume (the loop stores it in the checkpoint)."""
-        state = {"step": self._step}
+        state = {"step": self._step, "window_hits": self._window_hits.clone()}
         if self.disc is not None:
             state.update(disc=self.disc.state_dict(), disc_opt=self.disc_opt.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self._step = state.get("step", 0)
+        if "window_hits" in state:
+            self._window_hits = state["window_hits"].clone()
         if self.disc is not None and "disc" in state:
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
@@ -124,13 +131,17 @@ class VQVAEStage:
         if not every or step % every or self._latents is None:
             return
         q = self.model.quantize
-        usage = q.ema_vocab_hit_SV.sum(0)  # over scales: a code is dead if no scale uses it
-        dead = (usage < self.tcfg.dead_threshold).nonzero().flatten()
+        window = self._window_hits
+        share = window / window.sum().clamp_min(1) * q.vocab_size  # 1.0 = a uniform share of the window's hits
+        dead = (share < self.tcfg.dead_threshold).nonzero().flatten().to(q.embedding.weight.device)
+        window.zero_()
         if len(dead):
-            pool = self._latents.permute(0, 2, 3, 1).reshape(-1, q.z_channels)
+            # Re-seed from the vectors the quantizer actually looks up: the residual at every scale (the raw
+            # latent only matches the first scale's inputs; later scales quantize small residuals).
+            pool = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, q.z_channels)
+                              for z in q.residual_inputs(self._latents)])
             pick = pool[torch.randint(len(pool), (len(dead),), device=pool.device)]
             q.embedding.weight[dead] = pick + 0.01 * pick.std() * torch.randn_like(pick)
-            q.ema_vocab_hit_SV[:, dead] = 1.0  # give restarted codes a grace period
         if dist.is_initialized() and dist.get_world_size() > 1:  # every rank keeps rank 0's codebook
             tdist.broadcast(q.embedding.weight.data, 0)
             tdist.broadcast(q.ema_vocab_hit_SV, 0)
