@@ -136,7 +136,9 @@ def main(argv=None) -> int:
     dist.barrier()
     if args.grid and rank == 0:
         write_grid(out, len(items), args.num_images)
-    print(json.dumps({"rank": rank, "generated": done, "items": len(items), "out": str(out)}))
+    # one write per report: ranks share stdout under torchrun
+    sys.stdout.write(json.dumps({"rank": rank, "generated": done, "items": len(items), "out": str(out)}) + "\n")
+    sys.stdout.flush()
     dist.destroy()
     return 0
 

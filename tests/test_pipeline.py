@@ -114,7 +114,13 @@ def test_sample_py_torchrun_shards_without_duplicates(pipe, tmp_path):
             "--top-k", "0", "--top-p", "0"]
     proc = run_sample(args, torchrun=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # The ranks share one stdout, so their one-line reports may arrive on one line: decode object by object.
+    decoder, text, reports = json.JSONDecoder(), proc.stdout, []
+    pos = text.find("{")
+    while pos != -1:
+        report, end = decoder.raw_decode(text, pos)
+        reports.append(report)
+        pos = text.find("{", end)
     assert sorted(r["generated"] for r in reports) == [2, 3]
     metas = [json.loads((tmp_path / "o" / f"{i:06d}.json").read_text()) for i in range(5)]
     assert [m["seed"] for m in metas] == [100, 101, 102, 103, 104]
