@@ -57,7 +57,7 @@ class VQVAEStage:
         # Codebook hits (all scales, all ranks) since the last dead-code check; a code is dead when the window
         # saw (almost) none of it. A window rather than the usage EMA: restarted codes get no grace period in
         # which unused ones look alive.
-        self._window_hits = torch.zeros(cfg.vqvae.vocab_size, dtype=torch.float64)
+        self._window_hits = torch.zeros(cfg.vqvae.vocab_size, device=device)  # stays on device: no sync
         self._fixed_batch = None
 
     def loss(self, model: nn.Module, batch: dict):
@@ -80,7 +80,7 @@ class VQVAEStage:
                 tdist.all_reduce(hits)
             share = hits / hits.sum(1, keepdim=True).clamp_min(1) * q.vocab_size  # 1.0 = uniform usage
             q.ema_vocab_hit_SV.mul_(0.99).add_(share, alpha=0.01)
-            self._window_hits += hits.sum(0).double().cpu()
+            self._window_hits += hits.sum(0)
             self._latents = f.detach().float()
             metrics = {"recon": recon.item(), "vq": vq_loss.item(), "psnr": psnr(rec, img)}
             if perceptual is not None:
@@ -119,7 +119,7 @@ class VQVAEStage:
     def load_state_dict(self, state: dict) -> None:
         self._step = state.get("step", 0)
         if "window_hits" in state:
-            self._window_hits = state["window_hits"].clone()
+            self._window_hits = state["window_hits"].to(self.device)
         if self.disc is not None and "disc" in state:
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
@@ -133,7 +133,7 @@ class VQVAEStage:
         q = self.model.quantize
         window = self._window_hits
         share = window / window.sum().clamp_min(1) * q.vocab_size  # 1.0 = a uniform share of the window's hits
-        dead = (share < self.tcfg.dead_threshold).nonzero().flatten().to(q.embedding.weight.device)
+        dead = (share < self.tcfg.dead_threshold).nonzero().flatten()
         window.zero_()
         if len(dead):
             # Re-seed from the vectors the quantizer actually looks up: the residual at every scale (the raw
