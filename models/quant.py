@@ -85,12 +85,17 @@ class MultiScaleQuantizer(nn.Module):
             h_BChw = F.interpolate(h_BChw, size=(side, side), mode="bicubic")
         return self.phi(si)(h_BChw)
 
+    def _scale_input(self, f_rest: torch.Tensor, si: int) -> torch.Tensor:
+        """The residual as scale si looks it up: area-resized to (B, Cvae, pn, pn), the last scale as is."""
+        pn = self.patch_nums[si]
+        return f_rest if si == self.num_scales - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
+
     def _quantize_scale(self, f_rest: torch.Tensor, si: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codes of the residual at scale si (area-resized, except the last scale) and their
         contribution h to f_hat: (indices (B*pn*pn,), h (B, Cvae, H, W))."""
         B, C = f_rest.shape[:2]
         pn = self.patch_nums[si]
-        z = f_rest if si == self.num_scales - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
+        z = self._scale_input(f_rest, si)
         idx_N = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
         return idx_N, self._upsample(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si)
 
@@ -119,9 +124,7 @@ class MultiScaleQuantizer(nn.Module):
         """What the nearest-code lookup sees at every scale: the residual, area-resized to (B, Cvae, pn, pn)."""
         f = f_BChw.float()
         before = [torch.zeros_like(f), *self.f_to_idx(f, return_fhat=True)[:-1]]  # f_hat before each scale
-        last = self.num_scales - 1
-        return [f - fh if si == last else F.interpolate(f - fh, size=(pn, pn), mode="area")
-                for si, (fh, pn) in enumerate(zip(before, self.patch_nums))]
+        return [self._scale_input(f - fh, si) for si, fh in enumerate(before)]
 
     def idx_to_var_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
         """Teacher-forcing input for the transformer: (B, L - 1, Cvae) float32, the area-resized cumulative
