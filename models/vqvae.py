@@ -210,7 +210,12 @@ class VQVAE(nn.Module):
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Decode f_hat (float32) to an image in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat.float())).clamp_(-1, 1)
+        h = self.post_quant_conv(f_hat.float())
+        if h.device.type == "cpu":
+            # oneDNN's channels-last convolutions are ~12% faster here for the 256^2 decoder (weights stay NCHW;
+            # results differ from NCHW in the last bits only).
+            h = h.contiguous(memory_format=torch.channels_last)
+        return self.decoder(h).clamp_(-1, 1)
 
     # --- the functions around the transformer -----------------------------------------------------------------
     @torch.no_grad()

@@ -14,7 +14,13 @@ import json
 import pytest
 import torch
 
-from metrics.parity import OfficialPositionNoise, _load, build_reference_sampler, build_reference_vqvae
+from metrics.parity import (
+    IMAGE_TOL_FACTOR,
+    OfficialPositionNoise,
+    _load,
+    build_reference_sampler,
+    build_reference_vqvae,
+)
 from models import build_star, star_config
 from models.sampler import SamplerHead, arccos_counts, split_official_state_dict, visible_probability
 from tests.helpers import read_manifest, run_check_parity
@@ -38,7 +44,7 @@ def test_check_parity_sampler_passes(reference_dir):
     assert rc == 0 and result["pass"] and not failed, failed
     for tag in ("vnew", "v1024"):
         assert all(tensors[f"{tag}.call{j:02d}.idx"]["match"] == 1.0 for j in range(11))
-        assert tensors[f"{tag}.h_3"]["max_abs"] == 0.0 and tensors[f"{tag}.img"]["max_abs"] <= 1e-5
+        assert tensors[f"{tag}.h_3"]["max_abs"] == 0.0 and tensors[f"{tag}.img"]["max_abs"] <= 1e-5 * IMAGE_TOL_FACTOR
 
 
 def test_head_keys_are_the_official_extra_keys(reference, reference_dir):
@@ -151,4 +157,4 @@ def test_official_sampler_file_converts_and_round_trips(reference, reference_dir
     args = meta["infer_args"]["vnew"]
     kw = dict(cfg=args["cfg"], top_k=1, generator=None, sampler_schedule="default")
     img = star3.generate(vae, *text, sampler=head3, sampler_noise=OfficialPositionNoise(1006), **kw)
-    assert (img - golden["vnew.img"]).abs().max() <= 1e-5
+    assert (img - golden["vnew.img"]).abs().max() <= 1e-5 * IMAGE_TOL_FACTOR
