@@ -97,17 +97,26 @@ def main() -> int:
     vae.fhat_to_img = timed_decode  # instance attribute on our own object: times the decode inside generate
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, scale_ends = [], []
+
+    def end_of_scale(si: int) -> None:
+        sync(device)
+        scale_ends[-1].append(time.perf_counter())
+
     for i in range(args.repeats + 1):
         gen = torch.Generator(device).manual_seed(i)
         sync(device)
         t0 = time.perf_counter()
+        scale_ends.append([t0])
         with autocast:
             star.generate(vae, hidden, mask, pooled, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, generator=gen,
-                          sampler=head, sampler_schedule=args.sampler_schedule)
+                          sampler=head, sampler_schedule=args.sampler_schedule, scale_callback=end_of_scale)
         sync(device)
         times.append(time.perf_counter() - t0)
     times, decode = times[1:], decode_times[1:]
+    # Seconds per scale (transformer, sampling and the f_hat update; the first includes the text K/V).
+    per_scale = [statistics.median(ends[s + 1] - ends[s] for ends in scale_ends[1:])
+                 for s in range(len(cfg.patch_nums))]
     sec = statistics.median(times)
     dec = statistics.median(decode)
     flops = star_generation_flops(cfg, B, T)
@@ -120,7 +129,8 @@ def main() -> int:
         "sampler": args.sampler, "sampler_schedule": args.sampler_schedule if args.sampler else None,
         "seconds_median": sec, "seconds_all": times, "seconds_per_image": sec / B, "images_per_s": B / sec,
         "tokens_per_s": B * cfg.seq_len / sec, "transformer_seconds_median": sec - dec,
-        "vqvae_decode_seconds_median": dec, "transformer_flops": flops,
+        "vqvae_decode_seconds_median": dec, "scale_tokens": [pn * pn for pn in cfg.patch_nums],
+        "scale_seconds_median": per_scale, "transformer_flops": flops,
         "transformer_gflops_per_s": flops / (sec - dec) / 1e9, "matmul_gflops_per_s": peak,
         "transformer_fraction_of_matmul_peak": flops / (sec - dec) / 1e9 / peak,
     }
