@@ -9,6 +9,7 @@ position from the centroid's 3x3 cell, relations from centroid offsets. Attribut
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,41 @@ def summarize(verdicts: list[dict], kinds: list[str] | None = None) -> dict:
     if kinds is not None:
         for kind in sorted(set(kinds)):
             out[kind] = acc([v for v, k in zip(verdicts, kinds) if k == kind])
+    return out
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test: probability, if A and B were equally good, of a split of the discordant
+    prompts at least this uneven (binomial with p = 1/2 over ``only_a + only_b`` trials)."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(rows_a: list[dict], rows_b: list[dict], kinds: list[str] | None = None) -> dict:
+    """Verdicts of two runs on the same prompts and seeds, prompt by prompt: per attribute (and per prompt kind)
+    how many prompts only A / only B gets right, the accuracy difference A - B and McNemar's exact p-value.
+    Pairing removes the prompt-to-prompt variance that makes two separate accuracies hard to compare."""
+    if len(rows_a) != len(rows_b):
+        raise ValueError(f"paired comparison needs the same prompts: {len(rows_a)} != {len(rows_b)} verdicts")
+    groups = {"overall": list(range(len(rows_a)))}
+    if kinds is not None:
+        for kind in sorted(set(kinds)):
+            groups[kind] = [i for i, k in enumerate(kinds) if k == kind]
+    out = {}
+    for group, index in groups.items():
+        res = {}
+        for key in (*ATTRIBUTES, "all_correct"):
+            pairs = [(rows_a[i][key], rows_b[i][key]) for i in index if rows_a[i].get(key) is not None]
+            if not pairs:
+                continue
+            only_a = sum(bool(a) and not b for a, b in pairs)
+            only_b = sum(bool(b) and not a for a, b in pairs)
+            res[key] = {"n": len(pairs), "only_a": only_a, "only_b": only_b,
+                        "difference": (only_a - only_b) / len(pairs), "p_value": mcnemar_p(only_a, only_b)}
+        out[group] = res
     return out
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from metrics.shapes_eval import evaluate_pipeline, examples_sheet  # noqa: E402
-from metrics.shapes_judge import format_table  # noqa: E402
+from metrics.shapes_judge import format_table, paired_comparison  # noqa: E402
 from models.pipeline import StarPipeline  # noqa: E402
 
 
@@ -49,6 +49,13 @@ def main(argv=None) -> int:
                         "prompts": [{"prompt": r["prompt"], "kind": r["kind"], **r["verdict"]} for r in res["rows"]]}
         examples_sheet(res["images"], res["rows"], args.out / f"examples_{name}.png")
         print(f"== {name}\n{format_table(res['summary'])}")
+    if args.compare_sampler:  # same prompts and seeds: compare prompt by prompt
+        with_rows, without_rows = report["with_sampler"]["prompts"], report["without_sampler"]["prompts"]
+        report["paired"] = paired_comparison(with_rows, without_rows, [r["kind"] for r in with_rows])
+        print("== with minus without sampler (McNemar exact p)")
+        for group, res in report["paired"].items():
+            print(f"{group:<8} " + "  ".join(f"{k} {v['difference']:+.3f} (p={v['p_value']:.2g})"
+                                             for k, v in res.items()))
     # The judge's verdicts are numpy booleans: .item() makes them JSON.
     (args.out / "judge.json").write_text(json.dumps(report, indent=2, default=lambda o: o.item()))
     return 0

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrics.shapes_judge import format_table, judge, parse_prompt, summarize
+from metrics.shapes_judge import format_table, judge, mcnemar_p, paired_comparison, parse_prompt, summarize
 from models.text_encoder import TinyTextEncoder
 from utils.data.shapes import caption_vocabulary, is_held_out, make_sample, render
 
@@ -80,3 +80,27 @@ def test_tiny_encoder_distinguishes_every_caption():
     dist = torch.cdist(pooled, pooled)
     dist.fill_diagonal_(float("inf"))
     assert dist.min() > 1e-3  # every pair of distinct captions is separated
+
+
+def test_mcnemar_p_matches_the_binomial_test():
+    from scipy.stats import binomtest
+
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(0, 5) == 2 / 32                      # closed form: both all-one-sided splits of 5
+    for only_a, only_b in ((3, 9), (10, 10), (1, 20), (17, 4)):
+        expected = binomtest(only_a, only_a + only_b, 0.5).pvalue
+        assert abs(mcnemar_p(only_a, only_b) - expected) < 1e-12
+
+
+def test_paired_comparison_counts_discordant_prompts():
+    a = [{"count": True, "color": True, "all_correct": True, "relation": None}] * 3 + \
+        [{"count": False, "color": True, "all_correct": False, "relation": True}]
+    b = [{"count": False, "color": True, "all_correct": False, "relation": None}] * 3 + \
+        [{"count": True, "color": True, "all_correct": False, "relation": False}]
+    res = paired_comparison(a, b, ["one", "one", "one", "two"])
+    assert res["overall"]["count"] == {"n": 4, "only_a": 3, "only_b": 1, "difference": 0.5, "p_value": 0.625}
+    assert res["overall"]["color"]["only_a"] == res["overall"]["color"]["only_b"] == 0
+    assert res["overall"]["relation"]["n"] == 1 and res["two"]["relation"]["only_a"] == 1
+    assert res["one"]["all_correct"]["difference"] == 1.0
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_comparison(a, b[:2])
