@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from metrics.parity import FLOAT_TOL, PARTS, run  # noqa: E402
+from metrics.parity import FLOAT_TOL, IMAGE_TOL_FACTOR, PARTS, run  # noqa: E402
 
 
 def main() -> int:
@@ -23,7 +23,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write the JSON result to this file")
     parser.add_argument("--device", default="cpu", help="run our models here (fp32; TF32 is switched off)")
     parser.add_argument("--float-tol", type=float, default=FLOAT_TOL,
-                        help="max-abs tolerance for float tensors; decoded images get IMAGE_TOL_FACTOR (4) times "
+                        help=f"max-abs tolerance for float tensors; decoded images get {IMAGE_TOL_FACTOR:g} times "
                              "it, as their convolution kernels round differently on other CPUs/GPUs")
     args = parser.parse_args()
     if args.device.startswith("cuda"):  # compare true fp32 arithmetic
