@@ -4,28 +4,49 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from metrics.shapes_judge import judge, summarize
-from utils.data.shapes import make_sample
+from utils.data.shapes import ShapesSample, make_sample, render
+
+
+def heldout_samples(count: int, seed: int = 0) -> list[ShapesSample]:
+    """``count`` held-out scenes: half one-object, half two-object with a relation."""
+    return [make_sample(i, "heldout", seed, kind="one" if i % 2 == 0 else "two") for i in range(count)]
 
 
 def heldout_prompts(count: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(prompt, kind) for ``count`` held-out prompts: half one-object, half two-object with a relation."""
-    out = []
-    for i in range(count):
-        sample = make_sample(i, "heldout", seed, kind="one" if i % 2 == 0 else "two")
-        out.append((sample.caption, sample.kind))
-    return out
+    """(prompt, kind) of ``heldout_samples``."""
+    return [(s.caption, s.kind) for s in heldout_samples(count, seed)]
 
 
-def evaluate_pipeline(pipe, count: int = 200, seed: int = 0, batch_size: int = 16, **sampling) -> dict:
+@torch.no_grad()
+def reference_tokens(pipe, samples: list[ShapesSample], forced_scales: int):
+    """``keep_tokens``/``keep`` that force the first ``forced_scales`` scales of every image to the VQ-VAE tokens
+    of the scene's rendered reference image (the ground truth), for a per-scale ceiling analysis."""
+    size = pipe.vqvae.cfg.image_size
+    img = torch.from_numpy(np.stack([np.asarray(render(s, size), dtype=np.float32) for s in samples]))
+    tokens = pipe.vqvae.img_to_idx(img.permute(0, 3, 1, 2).div(127.5).sub(1).to(pipe.device))
+    keep = [torch.full_like(t, si < forced_scales, dtype=torch.bool) for si, t in enumerate(tokens)]
+    return tokens, keep
+
+
+def evaluate_pipeline(pipe, count: int = 200, seed: int = 0, batch_size: int = 16, forced_scales: int = 0,
+                      **sampling) -> dict:
     """Images for the held-out prompts (batch b seeded with seed + b), judged. Returns the summary plus the
-    per-prompt rows ``{"prompt", "kind", "verdict"}`` and the images (key ``"images"``, not serialisable)."""
-    prompts = heldout_prompts(count, seed)
+    per-prompt rows ``{"prompt", "kind", "verdict"}`` and the images (key ``"images"``, not serialisable).
+    ``forced_scales`` > 0: scales below it come from the reference images (``reference_tokens``), the model
+    generates the rest; with every scale forced the images are the VQ-VAE's reconstructions."""
+    samples = heldout_samples(count, seed)
+    prompts = [(s.caption, s.kind) for s in samples]
     rows, images = [], []
     for b, start in enumerate(range(0, count, batch_size)):
         chunk = prompts[start:start + batch_size]
+        if forced_scales > 0:
+            keep_tokens, keep = reference_tokens(pipe, samples[start:start + batch_size], forced_scales)
+            sampling.update(keep_tokens=keep_tokens, keep=keep)
         for (prompt, kind), image in zip(chunk, pipe([p for p, _ in chunk], seed=seed + b, **sampling)):
             rows.append({"prompt": prompt, "kind": kind, "verdict": judge(image, prompt)})
             images.append(image)

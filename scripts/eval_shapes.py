@@ -3,6 +3,7 @@
 
     python scripts/eval_shapes.py --ckpt outputs/quickstart/pipeline --count 200 --out outputs/eval_shapes
     python scripts/eval_shapes.py --ckpt DIR --top-k 0 --compare-sampler     # with and without the sampler head
+    python scripts/eval_shapes.py --ckpt DIR --no-sampler --forced-scales 0,3,5  # where accuracy is lost
 
 Prompts: the first --count held-out prompts (half one-object, half two-object with a relation), fixed seeds.
 """
@@ -33,23 +34,32 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-sampler", action="store_true")
     p.add_argument("--compare-sampler", action="store_true", help="run with and without the sampler head")
+    p.add_argument("--forced-scales", default="",
+                   help="diagnosis, comma-separated K values: one run per K in which scales < K are the VQ-VAE "
+                        "tokens of each prompt's rendered reference image and the model generates the rest "
+                        "(which scales lose accuracy; K = number of scales gives the reconstructions)")
     args = p.parse_args(argv)
     pipe = StarPipeline.from_pretrained(args.ckpt)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = {"with_sampler": True, "without_sampler": False} if args.compare_sampler else \
-        {"result": not args.no_sampler}
+    runs = {"with_sampler": (True, 0), "without_sampler": (False, 0)} if args.compare_sampler else \
+        {"result": (not args.no_sampler, 0)}
+    if args.forced_scales:
+        forced = [int(k) for k in args.forced_scales.split(",")]
+        if any(not 0 <= k <= pipe.star.num_scales for k in forced):
+            raise SystemExit(f"--forced-scales values must lie in 0..{pipe.star.num_scales}, got {forced}")
+        runs = {f"{name}_forced{k}": (use_sampler, k) for name, (use_sampler, _) in runs.items() for k in forced}
     report: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
-    for name, use_sampler in runs.items():
+    for name, (use_sampler, forced_scales) in runs.items():
         if use_sampler and pipe.sampler is None:
             raise SystemExit(f"{args.ckpt} has no sampler head")
         start = time.perf_counter()
-        res = evaluate_pipeline(pipe, args.count, args.seed, args.batch_size, cfg=args.cfg, top_k=args.top_k,
-                                top_p=args.top_p, use_sampler=use_sampler)
+        res = evaluate_pipeline(pipe, args.count, args.seed, args.batch_size, forced_scales, cfg=args.cfg,
+                                top_k=args.top_k, top_p=args.top_p, use_sampler=use_sampler)
         report[name] = {"summary": res["summary"], "seconds": time.perf_counter() - start,
                         "prompts": [{"prompt": r["prompt"], "kind": r["kind"], **r["verdict"]} for r in res["rows"]]}
         examples_sheet(res["images"], res["rows"], args.out / f"examples_{name}.png")
         print(f"== {name}\n{format_table(res['summary'])}")
-    if args.compare_sampler:  # same prompts and seeds: compare prompt by prompt
+    if args.compare_sampler and not args.forced_scales:  # same prompts and seeds: compare prompt by prompt
         with_rows, without_rows = report["with_sampler"]["prompts"], report["without_sampler"]["prompts"]
         report["paired"] = paired_comparison(with_rows, without_rows, [r["kind"] for r in with_rows])
         print("== with minus without sampler (McNemar exact p)")
