@@ -17,11 +17,6 @@ def heldout_samples(count: int, seed: int = 0) -> list[ShapesSample]:
     return [make_sample(i, "heldout", seed, kind="one" if i % 2 == 0 else "two") for i in range(count)]
 
 
-def heldout_prompts(count: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(prompt, kind) of ``heldout_samples``."""
-    return [(s.caption, s.kind) for s in heldout_samples(count, seed)]
-
-
 @torch.no_grad()
 def reference_tokens(pipe, samples: list[ShapesSample], forced_scales: int):
     """``keep_tokens``/``keep`` that force the first ``forced_scales`` scales of every image to the VQ-VAE tokens
@@ -44,10 +39,11 @@ def evaluate_pipeline(pipe, count: int = 200, seed: int = 0, batch_size: int = 1
     rows, images = [], []
     for b, start in enumerate(range(0, count, batch_size)):
         chunk = prompts[start:start + batch_size]
+        forced = {}
         if forced_scales > 0:
             keep_tokens, keep = reference_tokens(pipe, samples[start:start + batch_size], forced_scales)
-            sampling.update(keep_tokens=keep_tokens, keep=keep)
-        for (prompt, kind), image in zip(chunk, pipe([p for p, _ in chunk], seed=seed + b, **sampling)):
+            forced = {"keep_tokens": keep_tokens, "keep": keep}
+        for (prompt, kind), image in zip(chunk, pipe([p for p, _ in chunk], seed=seed + b, **sampling, **forced)):
             rows.append({"prompt": prompt, "kind": kind, "verdict": judge(image, prompt)})
             images.append(image)
     summary = summarize([r["verdict"] for r in rows], [r["kind"] for r in rows])
