@@ -17,13 +17,17 @@ def heldout_samples(count: int, seed: int = 0) -> list[ShapesSample]:
     return [make_sample(i, "heldout", seed, kind="one" if i % 2 == 0 else "two") for i in range(count)]
 
 
+def reference_images(samples: list[ShapesSample], size: int) -> torch.Tensor:
+    """The scenes rendered as the models take them: (N, 3, size, size) in [-1, 1]."""
+    img = torch.from_numpy(np.stack([np.asarray(render(s, size), dtype=np.float32) for s in samples]))
+    return img.permute(0, 3, 1, 2).contiguous().div_(127.5).sub_(1)
+
+
 @torch.no_grad()
 def reference_tokens(pipe, samples: list[ShapesSample], forced_scales: int):
     """``keep_tokens``/``keep`` that force the first ``forced_scales`` scales of every image to the VQ-VAE tokens
     of the scene's rendered reference image (the ground truth), for a per-scale ceiling analysis."""
-    size = pipe.vqvae.cfg.image_size
-    img = torch.from_numpy(np.stack([np.asarray(render(s, size), dtype=np.float32) for s in samples]))
-    tokens = pipe.vqvae.img_to_idx(img.permute(0, 3, 1, 2).div(127.5).sub(1).to(pipe.device))
+    tokens = pipe.vqvae.img_to_idx(reference_images(samples, pipe.vqvae.cfg.image_size).to(pipe.device))
     keep = [torch.full_like(t, si < forced_scales, dtype=torch.bool) for si, t in enumerate(tokens)]
     return tokens, keep
 

@@ -15,10 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from metrics.shapes_eval import reference_images  # noqa: E402
 from metrics.shapes_judge import judge, parse_prompt, summarize  # noqa: E402
 from models.checkpoint import load_pretrained_vqvae  # noqa: E402
 from models.vqvae import VQVAE  # noqa: E402
-from utils.data.shapes import make_sample, render  # noqa: E402
+from utils.data.shapes import make_sample  # noqa: E402
 
 
 def main() -> int:
@@ -44,8 +45,7 @@ def main() -> int:
     verdicts, kinds, mses = [], [], []
     for start in range(0, len(samples), args.batch):
         chunk = samples[start:start + args.batch]
-        img = torch.stack([torch.from_numpy(np.asarray(render(s, size), dtype=np.float32)).permute(2, 0, 1)
-                           for s in chunk]) / 127.5 - 1
+        img = reference_images(chunk, size)
         with torch.no_grad():
             rec = vae.idx_to_img(vae.img_to_idx(img))
         mses += ((rec - img) / 2).pow(2).flatten(1).mean(1).tolist()

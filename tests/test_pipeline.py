@@ -151,14 +151,12 @@ def test_eval_shapes_script_writes_table_and_examples(pipe, tmp_path):
 def test_eval_with_every_scale_forced_gives_the_vqvae_reconstructions(pipe):
     """The ceiling diagnosis: forcing every scale to the reference image's tokens must reproduce the VQ-VAE's own
     reconstruction (computed here by the independent img_to_idx -> idx_to_img path); forcing none is the plain run."""
-    from metrics.shapes_eval import evaluate_pipeline, heldout_samples
-    from utils.data.shapes import render
+    from metrics.shapes_eval import evaluate_pipeline, heldout_samples, reference_images
 
-    n, size = 4, pipe.vqvae.cfg.image_size
+    n = 4
     forced = evaluate_pipeline(pipe, count=n, batch_size=n, forced_scales=pipe.star.num_scales, cfg=2.0, top_k=0,
                                top_p=0.0, use_sampler=True)
-    ref = torch.from_numpy(np.stack([np.asarray(render(s, size), dtype=np.float32)
-                                     for s in heldout_samples(n)])).permute(0, 3, 1, 2) / 127.5 - 1
+    ref = reference_images(heldout_samples(n), pipe.vqvae.cfg.image_size)
     with torch.no_grad():
         rec = pipe.vqvae.idx_to_img(pipe.vqvae.img_to_idx(ref))
     expected = rec.add(1).mul(127.5).round().clamp(0, 255).permute(0, 2, 3, 1).numpy()
