@@ -51,9 +51,10 @@ def build_demo(pipe: StarPipeline, note: str = "", max_images: int = 4) -> gr.Bl
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", value="a red circle at the top left")
                 negative = gr.Textbox(label="Negative prompt", value="")
-                cfg = gr.Slider(0.0, 20.0, value=4.0, step=0.1, label="CFG")
-                top_k = gr.Slider(0, vocab, value=min(900, vocab), step=1, label="Top-k (0 = off)")
-                top_p = gr.Slider(0.0, 1.0, value=0.95, step=0.01, label="Top-p (0 = off)")
+                defaults = pipe.generation  # the pipeline's own sampling defaults (official: 4.0 / 900 / 0.95)
+                cfg = gr.Slider(0.0, 20.0, value=defaults["cfg"], step=0.1, label="CFG")
+                top_k = gr.Slider(0, vocab, value=min(defaults["top_k"], vocab), step=1, label="Top-k (0 = off)")
+                top_p = gr.Slider(0.0, 1.0, value=defaults["top_p"], step=0.01, label="Top-p (0 = off)")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     randomize = gr.Checkbox(value=False, label="Randomise seed")

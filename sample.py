@@ -67,10 +67,10 @@ def parse_args(argv=None):
     what.add_argument("--prompts", help=".txt (one prompt per line) or .jsonl ({'prompt', optional 'seed'})")
     gen = p.add_argument_group("sampling")
     gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--cfg", type=float, default=4.0)
-    gen.add_argument("--top-k", type=int, default=900)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--guidance", default="linear", help="linear | constant | window:i:j")
+    gen.add_argument("--cfg", type=float, help="guidance weight (default: the pipeline's, official 4.0)")
+    gen.add_argument("--top-k", type=int, help="0 = off (default: the pipeline's, official 900)")
+    gen.add_argument("--top-p", type=float, help="0 = off (default: the pipeline's, official 0.95)")
+    gen.add_argument("--guidance", help="linear | constant | window:i:j (default: the pipeline's, official linear)")
     gen.add_argument("--no-sampler", action="store_true", help="do not use the sampler head even if present")
     gen.add_argument("--sampler-schedule", default="default", choices=SCHEDULES)
     gen.add_argument("--seed", type=int, default=0, help="item i uses seed + i unless its JSONL line has 'seed'")
@@ -108,8 +108,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args)
-    settings = dict(negative_prompt=args.negative_prompt, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                    guidance_schedule=args.guidance, use_sampler=not args.no_sampler and pipe.sampler is not None,
+    sampling = pipe.generation_settings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, guidance_schedule=args.guidance)
+    settings = dict(negative_prompt=args.negative_prompt, **sampling, use_sampler=not args.no_sampler and pipe.sampler is not None,
                     sampler_schedule=args.sampler_schedule, num_images=args.num_images)
     done = 0
     for i in range(rank, len(items), world):  # rank r takes items r, r+world, ...: no duplicates, no gaps

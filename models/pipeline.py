@@ -51,6 +51,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return dtype or torch.bfloat16
 
 
+# Sampling defaults of the official release. A pipeline directory may record its own in config.json
+# ("generation", written from the training config's star_train.sample_* settings).
+OFFICIAL_GENERATION = {"cfg": 4.0, "top_k": 900, "top_p": 0.95, "guidance_schedule": "linear"}
+
+
 def keep_masks(mask: torch.Tensor, patch_nums: tuple[int, ...]) -> list[torch.Tensor]:
     """Region mask (B, H, W), 1 = regenerate -> per scale bool (B, pn^2), True = keep the original token.
     A token is kept when less than half of its area is masked."""
@@ -61,8 +66,12 @@ def keep_masks(mask: torch.Tensor, patch_nums: tuple[int, ...]) -> list[torch.Te
 class StarPipeline:
     def __init__(self, star: STAR, vqvae: VQVAE, text_encoder: TextEncoder, sampler: SamplerHead | None = None,
                  device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 text_config: dict | None = None):
+                 text_config: dict | None = None, generation: dict | None = None):
         self.device = torch.device(device)
+        unknown = set(generation or {}) - set(OFFICIAL_GENERATION)
+        if unknown:
+            raise ValueError(f"unknown generation settings {sorted(unknown)}; known: {sorted(OFFICIAL_GENERATION)}")
+        self.generation = {**OFFICIAL_GENERATION, **(generation or {})}
         self.dtype = resolve_dtype(dtype, self.device)
         self.star = star.to(self.device).eval()
         self.vqvae = vqvae.to(self.device).eval()
@@ -85,10 +94,12 @@ class StarPipeline:
         or VAR's ``.pth``; ``text_encoder``: an encoder, a kind (``"tiny"``) or ``(kind, local path)``."""
         path = Path(path)
         text_config: dict = {}
+        generation = None
         if path.is_dir():
             star = load_pretrained_star(path, **star_overrides)
             sampler = load_pretrained_sampler(path, star.cfg)
             text_config = read_config(path).get("text", {})
+            generation = read_config(path).get("generation")
             if vae is None and (path / "vqvae.safetensors").is_file():
                 vae = path
         elif path.is_file():
@@ -108,7 +119,7 @@ class StarPipeline:
             kind, enc_path = text_encoder
             text_config = {"encoder": kind, "path": enc_path}
             text_encoder = build_text_encoder(kind, enc_path)
-        return cls(star, vqvae, text_encoder, sampler, device, dtype, text_config)
+        return cls(star, vqvae, text_encoder, sampler, device, dtype, text_config, generation)
 
     @classmethod
     def tiny_random(cls, seed: int = 0, device: str | torch.device = "cpu") -> StarPipeline:
@@ -121,7 +132,7 @@ class StarPipeline:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_pretrained(directory, star=self.star, vqvae=self.vqvae, sampler=self.sampler,
-                               extra_config={"text": self.text_config})
+                               extra_config={"text": self.text_config, "generation": self.generation})
 
     # --- generation -------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -135,15 +146,23 @@ class StarPipeline:
         return hidden.to(self.device), mask.to(self.device), pooled.to(self.device)
 
     @torch.no_grad()
-    def __call__(self, prompts: str | list[str], negative_prompt: str | list[str] = "", cfg: float = 4.0,
-                 top_k: int = 900, top_p: float = 0.95, seed: int | None = None, use_sampler: bool = True,
-                 guidance_schedule: str | list[float] = "linear", sampler_schedule: str = "default",
-                 num_images: int = 1, return_tokens: bool = False, progress: bool = False,
-                 keep_tokens: list[torch.Tensor] | None = None, keep: list[torch.Tensor] | None = None):
+    def generation_settings(self, **overrides) -> dict:
+        """The sampling settings (cfg, top_k, top_p, guidance_schedule) a call uses: each given one, else this
+        pipeline's default (``self.generation``)."""
+        return {**self.generation, **{k: v for k, v in overrides.items() if v is not None}}
+
+    def __call__(self, prompts: str | list[str], negative_prompt: str | list[str] = "", cfg: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 use_sampler: bool = True, guidance_schedule: str | list[float] | None = None,
+                 sampler_schedule: str = "default", num_images: int = 1, return_tokens: bool = False,
+                 progress: bool = False, keep_tokens: list[torch.Tensor] | None = None,
+                 keep: list[torch.Tensor] | None = None):
         """Images for ``prompts`` (each repeated ``num_images`` times, in order) as a list of PIL images; with
         ``return_tokens`` also the token maps [(N, pn^2)] per scale. One batch, seeded by ``seed`` (None:
-        random). ``negative_prompt`` replaces "" as the unconditional text. ``keep_tokens``/``keep`` (per
-        scale (N, pn^2)): tokens forced where ``keep`` is True (editing; see ``edit``)."""
+        random). ``negative_prompt`` replaces "" as the unconditional text. Sampling settings left None take
+        the pipeline's defaults (``generation_settings``). ``keep_tokens``/``keep`` (per scale (N, pn^2)):
+        tokens forced where ``keep`` is True (editing; see ``edit``)."""
+        sampling = self.generation_settings(cfg=cfg, top_k=top_k, top_p=top_p, guidance_schedule=guidance_schedule)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p for p in prompts for _ in range(num_images)]
         negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else \
@@ -160,8 +179,8 @@ class StarPipeline:
             bar = tqdm(total=self.star.num_scales, desc="scales", leave=False)
         with self._autocast():
             img, tokens = self.star.generate(
-                self.vqvae, *text, cfg=cfg, guidance=guidance_schedule, top_k=top_k, top_p=top_p,
-                generator=generator, sampler=self.sampler if use_sampler else None,
+                self.vqvae, *text, cfg=sampling["cfg"], guidance=sampling["guidance_schedule"],
+                top_k=sampling["top_k"], top_p=sampling["top_p"], generator=generator, sampler=self.sampler if use_sampler else None,
                 sampler_schedule=sampler_schedule, return_tokens=True, keep_tokens=keep_tokens, keep=keep,
                 scale_callback=(lambda si: bar.update(1)) if bar is not None else None)
         if bar is not None:

@@ -6,6 +6,7 @@
     python scripts/eval_shapes.py --ckpt DIR --no-sampler --forced-scales 0,3,5  # where accuracy is lost
 
 Prompts: the first --count held-out prompts (half one-object, half two-object with a relation), fixed seeds.
+Sampling settings not given on the command line are the pipeline's own defaults (config.json "generation").
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("outputs/eval_shapes"))
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = the whole vocabulary")
-    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--cfg", type=float, help="default: the pipeline's (config.json 'generation')")
+    p.add_argument("--top-k", type=int, help="0 = the whole vocabulary (default: the pipeline's)")
+    p.add_argument("--top-p", type=float, help="0 = off (default: the pipeline's)")
+    p.add_argument("--guidance", help="linear | constant | window:i:j (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-sampler", action="store_true")
     p.add_argument("--compare-sampler", action="store_true", help="run with and without the sampler head")
@@ -48,13 +50,15 @@ def main(argv=None) -> int:
         if any(not 0 <= k <= pipe.star.num_scales for k in forced):
             raise SystemExit(f"--forced-scales values must lie in 0..{pipe.star.num_scales}, got {forced}")
         runs = {f"{name}_forced{k}": (use_sampler, k) for name, (use_sampler, _) in runs.items() for k in forced}
-    report: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
+    sampling = pipe.generation_settings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                        guidance_schedule=args.guidance)
+    report: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "sampling": sampling}
     for name, (use_sampler, forced_scales) in runs.items():
         if use_sampler and pipe.sampler is None:
             raise SystemExit(f"{args.ckpt} has no sampler head")
         start = time.perf_counter()
-        res = evaluate_pipeline(pipe, args.count, args.seed, args.batch_size, forced_scales, cfg=args.cfg,
-                                top_k=args.top_k, top_p=args.top_p, use_sampler=use_sampler)
+        res = evaluate_pipeline(pipe, args.count, args.seed, args.batch_size, forced_scales, **sampling,
+                                use_sampler=use_sampler)
         report[name] = {"summary": res["summary"], "seconds": time.perf_counter() - start,
                         "prompts": [{"prompt": r["prompt"], "kind": r["kind"], **r["verdict"]} for r in res["rows"]]}
         examples_sheet(res["images"], res["rows"], args.out / f"examples_{name}.png")

@@ -112,6 +112,7 @@ def main(argv=None) -> int:
             shutil.copyfile(curve, out / f"loss_curve_{run_name}.png")
     summary["total_seconds"] = round(sum(seconds.values()), 1)
     summary["judge"] = {r: judge[r]["summary"] for r in ("with_sampler", "without_sampler")}
+    summary["sampling"] = judge["sampling"]  # the pipeline's defaults (configs/shapes_*.json star_train.sample_*)
     summary["vqvae_reconstruction"] = {"psnr_db": vq["psnr_db"], "judge": vq["judge_on_reconstructions"]}
     with_sampler = summary["judge"]["with_sampler"]
     summary["targets"] = {kind: {"all_correct": with_sampler.get(kind, {}).get("all_correct"), "target": t,
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
         print(f"  {key:<20} {sec:8.1f} s")
     print(f"  {'total':<20} {summary['total_seconds']:8.1f} s")
     print(f"  VQ-VAE reconstruction PSNR {vq['psnr_db']:.2f} dB")
+    print(f"  sampling: {summary['sampling']}")
     for run_name in ("with_sampler", "without_sampler"):
         print(f"  judge, {run_name}:\n" + format_table(summary["judge"][run_name]))
     for key, t in summary["targets"].items():

@@ -42,6 +42,23 @@ def test_round_trip_gives_identical_images(pipe, tmp_path):
         assert np.array_equal(pixels(a), pixels(b))
 
 
+def test_generation_defaults_are_saved_and_used(pipe, tmp_path):
+    assert pipe.generation == {"cfg": 4.0, "top_k": 900, "top_p": 0.95, "guidance_schedule": "linear"}  # official
+    greedy = {"cfg": 0.5, "top_k": 1, "top_p": 0.0, "guidance_schedule": "constant"}
+    custom = StarPipeline(pipe.star, pipe.vqvae, pipe.text_encoder, pipe.sampler, text_config=pipe.text_config,
+                          generation=greedy)
+    custom.save_pretrained(tmp_path / "p")
+    again = StarPipeline.from_pretrained(tmp_path / "p")
+    assert again.generation == greedy
+    assert again.generation_settings(cfg=2.0, top_k=None) == {**greedy, "cfg": 2.0}
+    prompts = ["a red circle", "a blue square"]
+    implicit = pixels(again(prompts, seed=5, use_sampler=False))
+    assert np.array_equal(implicit, pixels(pipe(prompts, seed=5, use_sampler=False, **greedy)))
+    assert not np.array_equal(implicit, pixels(pipe(prompts, seed=5, use_sampler=False)))
+    with pytest.raises(ValueError, match="unknown generation settings"):
+        StarPipeline(pipe.star, pipe.vqvae, pipe.text_encoder, generation={"temperature": 0.5})
+
+
 def test_seeds_and_negative_prompt(pipe):
     kw = dict(top_k=0, top_p=0.0, cfg=3.0)
     a, b, c = (pixels(pipe("a red circle", seed=s, **kw)) for s in (1, 1, 2))

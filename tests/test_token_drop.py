@@ -42,3 +42,23 @@ def test_loss_is_averaged_over_kept_tokens_and_early_logits_are_unchanged(tmp_pa
     assert torch.allclose(dropped[:, :5], full[:, :5], atol=1e-6)  # block-causal: early scales see no dropped token
     ce = torch.nn.functional.cross_entropy(dropped.flatten(0, 1), gt[:, keep].flatten())
     assert torch.allclose(loss, ce) and metrics["tokens"] == 2 * 9
+
+
+def test_scale_balanced_loss_is_the_mean_of_per_scale_means(tmp_path):
+    for drop in ("none", "random"):
+        stage = _stage(tmp_path / drop, **{"star_train.loss_weighting": "scale", "star_train.token_drop": drop,
+                                           "star_train.drop_from_scale": 2, "star_train.keep_fraction": 0.25})
+        img = torch.rand(2, 3, 8, 8) * 2 - 1
+        batch = {"image": img, "caption": ["a red circle at the top left", "a blue square"]}
+        torch.manual_seed(3)
+        loss, metrics = stage.loss(stage.model, batch)
+        torch.manual_seed(3)
+        keep = stage.keep_mask()
+        gt, var_input = stage.tokens(img)
+        logits, _ = stage.model(var_input, *stage.text.encode(batch["caption"]), keep=keep)
+        keep = torch.ones(1 + 4 + 16, dtype=torch.bool) if keep is None else keep
+        gt, scale = gt[:, keep], torch.tensor([0] + [1] * 4 + [2] * 16)[keep]
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), gt.flatten(), reduction="none").view(gt.shape)
+        per_scale = [ce[:, scale == s].mean() for s in range(3)]
+        assert torch.allclose(loss, torch.stack(per_scale).mean(), atol=1e-5), drop
+        assert metrics["tokens"] == 2 * keep.sum()

@@ -1,4 +1,5 @@
 """The training loop: loss goes down, exact resume, kill during checkpoint, DDP equivalence, VQ-VAE stage."""
+import json
 import signal
 import time
 
@@ -73,7 +74,8 @@ def test_ddp_two_ranks_match_single_process(tmp_path, vqvae_dir):
 
 def test_star_loss_decreases_and_logs(tmp_path, vqvae_dir):
     extra = {"loop.ckpt_every": 100, "loop.log_every": 5, "loop.sample_every": 30,
-             "star_train.sample_prompts": '["a red circle at the top left"]'}
+             "star_train.sample_prompts": '["a red circle at the top left"]', "star_train.sample_cfg": 1.5,
+             "star_train.sample_top_k": 2, "star_train.sample_guidance": "constant"}
     res = run_train(star_overrides(tmp_path / "run", vqvae_dir, 30, **extra))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = history(tmp_path / "run")
@@ -82,6 +84,9 @@ def test_star_loss_decreases_and_logs(tmp_path, vqvae_dir):
     for f in ("loss_curve.png", "config.json", "samples/step_00000030.png", "final/config.json"):
         assert (tmp_path / "run" / f).is_file(), f
     assert list((tmp_path / "run" / "tb").iterdir())
+    # the exported pipeline samples, by default, the way the run's samples were drawn
+    exported = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert exported["generation"] == {"cfg": 1.5, "top_k": 2, "top_p": 0.95, "guidance_schedule": "constant"}
 
 
 def test_vqvae_stage_trains_and_resumes(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.sampling import guidance_weights
 from models.star import StarConfig
 from models.vqvae import VQVAEConfig
 from utils.config import ConfigError
@@ -106,15 +107,31 @@ class VQVAETrainConfig:
 class StarTrainConfig:
     vqvae: str = ""                        # our checkpoint dir (vqvae.safetensors) or VAR's .pth
     sample_prompts: list[str] = field(default_factory=list)
+    # How samples are drawn (during training, and by default from the exported pipeline: its "generation").
     sample_cfg: float = 4.0
-    sample_top_k: int = 0
-    sample_top_p: float = 0.0
+    sample_top_k: int = 900
+    sample_top_p: float = 0.95
+    sample_guidance: str = "linear"        # linear | constant | window:i:j (models.sampling.guidance_weights)
     # Token dropping for high resolutions (loss averaged over the kept tokens):
     token_drop: str = "none"               # none | window (paper: one local window, nested across scales) | random
     drop_from_scale: int = -2              # scales with index >= this are cropped (negative: from the end)
     keep_fraction: float = 0.5             # window: side fraction kept; random: token fraction kept
+    # token: every token weighs the same (official); scale: every scale weighs the same, so the few coarse
+    # tokens that decide colour and layout are not drowned by the fine ones (faster text conditioning).
+    loss_weighting: str = "token"
+
+    def generation(self) -> dict:
+        """The exported pipeline's default sampling settings (keyword arguments of ``StarPipeline.__call__``)."""
+        return {"cfg": self.sample_cfg, "top_k": self.sample_top_k, "top_p": self.sample_top_p,
+                "guidance_schedule": self.sample_guidance}
 
     def validate(self) -> None:
+        try:
+            guidance_weights(self.sample_guidance, self.sample_cfg, 2)
+        except ValueError as e:
+            raise ConfigError(f"star_train.sample_guidance: {e}") from None
+        if self.loss_weighting not in ("token", "scale"):
+            raise ConfigError(f"star_train.loss_weighting must be token or scale, got {self.loss_weighting!r}")
         if self.token_drop not in ("none", "window", "random"):
             raise ConfigError(f"star_train.token_drop must be none, window or random, got {self.token_drop!r}")
         if not 0 < self.keep_fraction <= 1:

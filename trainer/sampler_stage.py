@@ -22,7 +22,6 @@ from models.sampler import SamplerHead, visible_probability
 from trainer.config import RunConfig
 from trainer.optim import with_ema_weights
 from trainer.star_stage import StarStage, load_init_weights
-from utils.config import to_dict
 
 
 class SamplerStage(StarStage):
@@ -67,10 +66,10 @@ class SamplerStage(StarStage):
         st = self.cfg.star_train
         hidden, mask, pooled = (t.to(self.device) for t in self.text.encode(list(prompts) + [""] * len(prompts)))
         gen = torch.Generator(self.device).manual_seed(seed)
-        return self.backbone.generate(self.vqvae, hidden, mask, pooled, cfg=st.sample_cfg, top_k=st.sample_top_k,
-                                      top_p=st.sample_top_p, generator=gen, sampler=self.model,
+        return self.backbone.generate(self.vqvae, hidden, mask, pooled, cfg=st.sample_cfg, guidance=st.sample_guidance,
+                                      top_k=st.sample_top_k, top_p=st.sample_top_p, generator=gen, sampler=self.model,
                                       sampler_schedule=self.cfg.sampler_train.schedule)
 
     def export(self, out_dir: Path, ema_state: dict | None) -> None:
         save_pretrained(out_dir, star=self.backbone, vqvae=self.vqvae, sampler=with_ema_weights(self.model, ema_state),
-                        extra_config={"text": to_dict(self.cfg.text)})
+                        extra_config=self.pipeline_config())

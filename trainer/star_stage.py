@@ -32,6 +32,14 @@ def load_init_weights(model: STAR, path: str) -> None:
     model.load_state_dict(adapt_official_state_dict(state, model), strict=True)
 
 
+def scale_balanced_weights(lvl: torch.Tensor) -> torch.Tensor:
+    """Per-token loss weights (L,) from each token's scale index (L,): every scale present gets total weight
+    1/num_scales, shared equally by its tokens (weights sum to 1)."""
+    counts = torch.bincount(lvl)
+    present = (counts > 0).sum()
+    return 1.0 / (present * counts[lvl]).float()
+
+
 class StarStage:
     def __init__(self, cfg: RunConfig, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -93,7 +101,12 @@ class StarStage:
             logits, _ = model(var_input, hidden, mask, pooled, keep=keep)
             gt, lvl = gt[:, keep], self.scale_of_token.to(gt.device)[keep]
         V = logits.shape[-1]
-        loss = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), label_smoothing=self.cfg.optim.label_smoothing)
+        if self.cfg.star_train.loss_weighting == "scale":
+            loss = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), reduction="none",
+                                   label_smoothing=self.cfg.optim.label_smoothing).view(gt.shape)
+            loss = (loss * scale_balanced_weights(lvl).to(loss.dtype)).sum(1).mean()
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), label_smoothing=self.cfg.optim.label_smoothing)
         with torch.no_grad():
             ce = F.cross_entropy(logits.reshape(-1, V).float(), gt.reshape(-1), reduction="none").view(gt.shape)
             correct = (logits.argmax(-1) == gt).float()
@@ -113,8 +126,8 @@ class StarStage:
         sc = self.cfg.star_train
         hidden, mask, pooled = (t.to(self.device) for t in self.text.encode(list(prompts) + [""] * len(prompts)))
         gen = torch.Generator(self.device).manual_seed(seed)
-        return self.model.generate(self.vqvae, hidden, mask, pooled, cfg=sc.sample_cfg, top_k=sc.sample_top_k,
-                              top_p=sc.sample_top_p, generator=gen)
+        return self.model.generate(self.vqvae, hidden, mask, pooled, cfg=sc.sample_cfg, guidance=sc.sample_guidance,
+                                   top_k=sc.sample_top_k, top_p=sc.sample_top_p, generator=gen)
 
     def sample(self, step: int, out_dir: Path, writer) -> None:
         prompts = self.cfg.star_train.sample_prompts
@@ -132,4 +145,8 @@ class StarStage:
 
     def export(self, out_dir: Path, ema_state: dict | None) -> None:
         save_pretrained(out_dir, star=with_ema_weights(self.model, ema_state), vqvae=self.vqvae,
-                        extra_config={"text": to_dict(self.cfg.text)})
+                        extra_config=self.pipeline_config())
+
+    def pipeline_config(self) -> dict:
+        """What an exported pipeline records besides the models: its text encoder and sampling defaults."""
+        return {"text": to_dict(self.cfg.text), "generation": self.cfg.star_train.generation()}
