@@ -24,7 +24,7 @@ TARGETS = {"one": 0.90, "two": 0.60}  # all-correct accuracy on held-out prompts
 # Steps per stage: default (fits the time budget), --long, --smoke (CI: seconds per stage).
 STEPS = {
     "default": {"data": 20000, "vqvae": 500, "star": 550, "sampler": 150, "eval": 200},
-    "long": {"data": 20000, "vqvae": 2000, "star": 4000, "sampler": 600, "eval": 400},
+    "long": {"data": 20000, "vqvae": 2000, "star": 6000, "sampler": 600, "eval": 400},
     "smoke": {"data": 64, "vqvae": 2, "star": 2, "sampler": 2, "eval": 4},
 }
 
