@@ -108,8 +108,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args)
-    sampling = pipe.generation_settings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, guidance_schedule=args.guidance)
-    settings = dict(negative_prompt=args.negative_prompt, **sampling, use_sampler=not args.no_sampler and pipe.sampler is not None,
+    sampling = pipe.generation_settings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                        guidance_schedule=args.guidance)  # unset: the pipeline's defaults
+    settings = dict(negative_prompt=args.negative_prompt, **sampling,
+                    use_sampler=not args.no_sampler and pipe.sampler is not None,
                     sampler_schedule=args.sampler_schedule, num_images=args.num_images)
     done = 0
     for i in range(rank, len(items), world):  # rank r takes items r, r+world, ...: no duplicates, no gaps

@@ -180,7 +180,8 @@ class StarPipeline:
         with self._autocast():
             img, tokens = self.star.generate(
                 self.vqvae, *text, cfg=sampling["cfg"], guidance=sampling["guidance_schedule"],
-                top_k=sampling["top_k"], top_p=sampling["top_p"], generator=generator, sampler=self.sampler if use_sampler else None,
+                top_k=sampling["top_k"], top_p=sampling["top_p"], generator=generator,
+                sampler=self.sampler if use_sampler else None,
                 sampler_schedule=sampler_schedule, return_tokens=True, keep_tokens=keep_tokens, keep=keep,
                 scale_callback=(lambda si: bar.update(1)) if bar is not None else None)
         if bar is not None:

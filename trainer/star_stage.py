@@ -100,13 +100,12 @@ class StarStage:
             keep = keep.to(gt.device)
             logits, _ = model(var_input, hidden, mask, pooled, keep=keep)
             gt, lvl = gt[:, keep], self.scale_of_token.to(gt.device)[keep]
-        V = logits.shape[-1]
-        if self.cfg.star_train.loss_weighting == "scale":
-            loss = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), reduction="none",
-                                   label_smoothing=self.cfg.optim.label_smoothing).view(gt.shape)
-            loss = (loss * scale_balanced_weights(lvl).to(loss.dtype)).sum(1).mean()
-        else:
-            loss = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), label_smoothing=self.cfg.optim.label_smoothing)
+        V, smoothing = logits.shape[-1], self.cfg.optim.label_smoothing
+        if self.cfg.star_train.loss_weighting == "scale":  # the mean over scales of each scale's mean
+            ce = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), reduction="none", label_smoothing=smoothing)
+            loss = (ce.view(gt.shape) * scale_balanced_weights(lvl)).sum(1).mean()
+        else:  # the mean over tokens (official)
+            loss = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), label_smoothing=smoothing)
         with torch.no_grad():
             ce = F.cross_entropy(logits.reshape(-1, V).float(), gt.reshape(-1), reduction="none").view(gt.shape)
             correct = (logits.argmax(-1) == gt).float()
