@@ -30,6 +30,7 @@ from models.checkpoint import (
     save_pretrained,
 )
 from models.sampler import SamplerHead
+from models.sampling import OFFICIAL_GENERATION
 from models.star import STAR
 from models.text_encoder import TextEncoder, build_text_encoder
 from models.vqvae import VQVAE
@@ -49,11 +50,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             raise ValueError(f"{dtype} on {device.type}: half precision is for CUDA; this device runs fp32")
         return torch.float32
     return dtype or torch.bfloat16
-
-
-# Sampling defaults of the official release. A pipeline directory may record its own in config.json
-# ("generation", written from the training config's star_train.sample_* settings).
-OFFICIAL_GENERATION = {"cfg": 4.0, "top_k": 900, "top_p": 0.95, "guidance_schedule": "linear"}
 
 
 def keep_masks(mask: torch.Tensor, patch_nums: tuple[int, ...]) -> list[torch.Tensor]:

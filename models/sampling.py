@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import torch
 
+# Sampling defaults of the official release (keyword arguments of StarPipeline.__call__). A pipeline directory
+# may record its own in config.json ("generation", written from the training config's star_train.sample_*).
+OFFICIAL_GENERATION = {"cfg": 4.0, "top_k": 900, "top_p": 0.95, "guidance_schedule": "linear"}
+
 
 def guidance_weights(schedule: str | list[float], cfg: float, num_scales: int) -> list[float]:
     """Guidance weight t_s per scale (logits = (1+t) cond - t uncond).

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.sampling import guidance_weights
+from models.sampling import OFFICIAL_GENERATION, guidance_weights
 from models.star import StarConfig
 from models.vqvae import VQVAEConfig
 from utils.config import ConfigError
@@ -108,10 +108,10 @@ class StarTrainConfig:
     vqvae: str = ""                        # our checkpoint dir (vqvae.safetensors) or VAR's .pth
     sample_prompts: list[str] = field(default_factory=list)
     # How samples are drawn (during training, and by default from the exported pipeline: its "generation").
-    sample_cfg: float = 4.0
-    sample_top_k: int = 900
-    sample_top_p: float = 0.95
-    sample_guidance: str = "linear"        # linear | constant | window:i:j (models.sampling.guidance_weights)
+    sample_cfg: float = OFFICIAL_GENERATION["cfg"]
+    sample_top_k: int = OFFICIAL_GENERATION["top_k"]
+    sample_top_p: float = OFFICIAL_GENERATION["top_p"]
+    sample_guidance: str = OFFICIAL_GENERATION["guidance_schedule"]  # linear | constant | window:i:j
     # Token dropping for high resolutions (loss averaged over the kept tokens):
     token_drop: str = "none"               # none | window (paper: one local window, nested across scales) | random
     drop_from_scale: int = -2              # scales with index >= this are cropped (negative: from the end)
