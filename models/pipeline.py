@@ -94,8 +94,8 @@ class StarPipeline:
         if path.is_dir():
             star = load_pretrained_star(path, **star_overrides)
             sampler = load_pretrained_sampler(path, star.cfg)
-            text_config = read_config(path).get("text", {})
-            generation = read_config(path).get("generation")
+            saved = read_config(path)
+            text_config, generation = saved.get("text", {}), saved.get("generation")
             if vae is None and (path / "vqvae.safetensors").is_file():
                 vae = path
         elif path.is_file():

@@ -25,15 +25,20 @@ def test_window_drop_keeps_nested_windows_and_early_scales(tmp_path):
     assert len(rows2) == 2 and (rows2[0] // 2 == r1 or rows2[1] // 2 == r1)  # windows overlap across scales
 
 
+def _loss_and_its_keep_mask(stage, captions: list[str], seed: int):
+    """One training loss on random images, and the keep mask that step drew (replayed from the same seed)."""
+    batch = {"image": torch.rand(len(captions), 3, 8, 8) * 2 - 1, "caption": captions}
+    torch.manual_seed(seed)
+    loss, metrics = stage.loss(stage.model, batch)
+    torch.manual_seed(seed)
+    return batch, loss, metrics, stage.keep_mask()
+
+
 def test_loss_is_averaged_over_kept_tokens_and_early_logits_are_unchanged(tmp_path):
     stage = _stage(tmp_path, **{"star_train.token_drop": "random", "star_train.drop_from_scale": 2,
                                 "star_train.keep_fraction": 0.25})
-    img = torch.rand(2, 3, 8, 8) * 2 - 1
-    batch = {"image": img, "caption": ["a red circle at the top left", ""]}
-    torch.manual_seed(1)
-    loss, metrics = stage.loss(stage.model, batch)
-    torch.manual_seed(1)
-    keep = stage.keep_mask()
+    batch, loss, metrics, keep = _loss_and_its_keep_mask(stage, ["a red circle at the top left", ""], seed=1)
+    img = batch["image"]
     assert keep.sum() == 5 + 4  # scales 0-1 (5 tokens) + 4 of the 16 last-scale tokens
     gt, var_input = stage.tokens(img)
     text = stage.text.encode(batch["caption"])
@@ -48,13 +53,9 @@ def test_scale_balanced_loss_is_the_mean_of_per_scale_means(tmp_path):
     for drop in ("none", "random"):
         stage = _stage(tmp_path / drop, **{"star_train.loss_weighting": "scale", "star_train.token_drop": drop,
                                            "star_train.drop_from_scale": 2, "star_train.keep_fraction": 0.25})
-        img = torch.rand(2, 3, 8, 8) * 2 - 1
-        batch = {"image": img, "caption": ["a red circle at the top left", "a blue square"]}
-        torch.manual_seed(3)
-        loss, metrics = stage.loss(stage.model, batch)
-        torch.manual_seed(3)
-        keep = stage.keep_mask()
-        gt, var_input = stage.tokens(img)
+        batch, loss, metrics, keep = _loss_and_its_keep_mask(stage, ["a red circle at the top left", "a blue square"],
+                                                             seed=3)
+        gt, var_input = stage.tokens(batch["image"])
         logits, _ = stage.model(var_input, *stage.text.encode(batch["caption"]), keep=keep)
         keep = torch.ones(1 + 4 + 16, dtype=torch.bool) if keep is None else keep
         gt, scale = gt[:, keep], torch.tensor([0] + [1] * 4 + [2] * 16)[keep]
