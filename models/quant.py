@@ -107,16 +107,18 @@ class MultiScaleQuantizer(nn.Module):
 
     @torch.no_grad()
     def f_to_idx(self, f_BChw: torch.Tensor, return_fhat: bool = False) -> list[torch.Tensor]:
-        """Latent -> list of token maps (B, pn*pn), or the cumulative f_hat after every scale."""
+        """Latent -> list of token maps (B, pn*pn), or the cumulative f_hat after every scale (fp32, as
+        ``forward``)."""
         f_rest = f_BChw.detach().float().clone()
         B = f_rest.shape[0]
         f_hat = torch.zeros_like(f_rest)
         out = []
-        for si, pn in enumerate(self.patch_nums):
-            idx_N, h = self._quantize_scale(f_rest, si)
-            f_hat.add_(h)
-            f_rest.sub_(h)
-            out.append(f_hat.clone() if return_fhat else idx_N.view(B, pn * pn))
+        with torch.autocast(f_rest.device.type, enabled=False):
+            for si, pn in enumerate(self.patch_nums):
+                idx_N, h = self._quantize_scale(f_rest, si)
+                f_hat.add_(h)
+                f_rest.sub_(h)
+                out.append(f_hat.clone() if return_fhat else idx_N.view(B, pn * pn))
         return out
 
     @torch.no_grad()
@@ -154,8 +156,13 @@ class MultiScaleQuantizer(nn.Module):
 
     def forward(self, f_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """VQ-VAE training: (f_hat with a straight-through gradient, VQ loss averaged over scales,
-        codebook hits per scale (S, V))."""
-        f = f_BChw.float()
+        codebook hits per scale (S, V)). Runs in fp32 even under autocast, as VAR's quantizer: in bf16 the
+        small residuals of the later scales drown in rounding (measured on shapes, configs/shapes_vqvae.json,
+        500 steps, bf16 autocast: 22.9 dB and every object's colour lost; with this, 26.7 dB, as fp32)."""
+        with torch.autocast(f_BChw.device.type, enabled=False):
+            return self._quantize_all(f_BChw.float())
+
+    def _quantize_all(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f_no_grad = f.detach()
         f_rest = f_no_grad.clone()
         f_hat = torch.zeros_like(f_rest)

@@ -64,3 +64,20 @@ def test_tokenizer_round_trip_shapes():
     assert vae.idx_to_var_input(idx).shape == (2, sum(pn * pn for pn in cfg.patch_nums) - 1, cfg.z_channels)
     assert vae.idx_to_img(idx).shape == img.shape
     assert len(vae.idx_to_img(idx, every_scale=True)) == len(cfg.patch_nums)
+
+
+def test_quantizer_ignores_autocast():
+    """Quantization (training forward and tokenization) runs in fp32 under bf16 autocast, as VAR's quantizer:
+    the same codes, f_hat and loss as without autocast."""
+    cfg = vqvae_config("vqvae-tiny", patch_nums=(1, 2, 3, 5))
+    q = build_vqvae(cfg).quantize
+    f = torch.randn(2, cfg.z_channels, 5, 5, generator=torch.Generator().manual_seed(0))
+    f_hat, loss, hits = q(f)
+    idx = q.f_to_idx(f)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f_hat_bf, loss_bf, hits_bf = q(f)
+        idx_bf = q.f_to_idx(f)
+    assert f_hat_bf.dtype == torch.float32
+    torch.testing.assert_close(f_hat_bf, f_hat, rtol=0, atol=0)
+    torch.testing.assert_close(loss_bf, loss, rtol=0, atol=0)
+    assert torch.equal(hits_bf, hits) and all(torch.equal(a, b) for a, b in zip(idx_bf, idx))
