@@ -147,3 +147,23 @@ def test_model_moves_with_its_constants():
     model = build_star(star_config("star-tiny"))
     assert {b.device.type for b in model.buffers()} == {"cpu"}
     assert not any(k.startswith(("rope_", "level_ids")) for k in model.state_dict())
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_cpu_half_attention_is_computed_in_fp32(mask_kind):
+    """models.attention.attention on CPU bf16 inputs = a naive fp32 softmax attention, rounded once to bf16."""
+    from models.attention import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    keep = torch.rand(5, 5, generator=g) > 0.3
+    keep.fill_diagonal_(True)
+    mask = keep if mask_kind == "bool" else torch.zeros(5, 5).masked_fill(~keep, float("-inf")).bfloat16()
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = attention(qb, kb, vb, mask, scale=0.5)
+    logits = (qb.float() @ kb.float().transpose(-1, -2)) * 0.5
+    naive = logits.masked_fill(~keep, float("-inf")).softmax(-1) @ vb.float()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), naive.bfloat16().float(), atol=8e-3, rtol=0)
+    out.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (qb, kb, vb))
