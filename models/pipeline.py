@@ -32,7 +32,7 @@ from models.checkpoint import (
 from models.sampler import SamplerHead
 from models.sampling import OFFICIAL_GENERATION
 from models.star import STAR
-from models.text_encoder import TextEncoder, build_text_encoder
+from models.text_encoder import TextEncoder, build_text_encoder, text_encoder_from_config
 from models.vqvae import VQVAE
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -108,11 +108,9 @@ class StarPipeline:
         if text_encoder is None:
             if not text_config:
                 raise CheckpointError(f"{path} does not name its text encoder: pass text_encoder=(kind, path)")
-            text_encoder = (text_config["encoder"], text_config.get("path"))
-        if isinstance(text_encoder, str):
-            text_encoder = (text_encoder, None)
-        if isinstance(text_encoder, tuple):
-            kind, enc_path = text_encoder
+            text_encoder = text_encoder_from_config(text_config)
+        elif isinstance(text_encoder, (str, tuple)):
+            kind, enc_path = (text_encoder, None) if isinstance(text_encoder, str) else text_encoder
             text_config = {"encoder": kind, "path": enc_path}
             text_encoder = build_text_encoder(kind, enc_path)
         return cls(star, vqvae, text_encoder, sampler, device, dtype, text_config, generation)

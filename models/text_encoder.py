@@ -266,6 +266,12 @@ def build_text_encoder(kind: str, path: str | None = None, **kwargs) -> TextEnco
     raise ValueError(f"unknown text encoder {kind!r}: use hf-clip, open_clip, t5, tiny or minilm")
 
 
+def text_encoder_from_config(text: dict) -> TextEncoder:
+    """The encoder a run's or a pipeline's "text" config names (keys encoder, path, and tiny_layers for tiny)."""
+    options = {"layers": text["tiny_layers"]} if text["encoder"] == "tiny" and "tiny_layers" in text else {}
+    return build_text_encoder(text["encoder"], text.get("path"), **options)
+
+
 def _need(path: str | None, kind: str) -> str:
     if not path:
         raise TextEncoderError(f"the {kind!r} text encoder needs a local path (text_encoder.path); nothing is "

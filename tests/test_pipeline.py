@@ -182,3 +182,12 @@ def test_eval_with_every_scale_forced_gives_the_vqvae_reconstructions(pipe):
     plain = pipe([s.caption for s in heldout_samples(n)], seed=0, cfg=2.0, top_k=0, top_p=0.0)
     assert np.array_equal(pixels(free["images"]), pixels(plain))
     assert not np.array_equal(pixels(free["images"]), pixels(forced["images"]))
+
+
+def test_saved_text_config_rebuilds_the_same_tiny_encoder(pipe, tmp_path):
+    one_layer = build_text_encoder("tiny", layers=1)
+    custom = StarPipeline(pipe.star, pipe.vqvae, one_layer, pipe.sampler,
+                          text_config={"encoder": "tiny", "path": None, "tiny_layers": 1})
+    custom.save_pretrained(tmp_path / "p")
+    loaded = StarPipeline.from_pretrained(tmp_path / "p")
+    assert loaded.text_encoder.identity == one_layer.identity != pipe.text_encoder.identity

@@ -11,6 +11,7 @@ from models.text_encoder import (
     build_text_encoder,
     clip_bpe_tokenizer,
     open_clip_to_hf_clip,
+    text_encoder_from_config,
 )
 
 PROMPTS = ["a red circle at the top left", "", "a small blue square to the right of a yellow triangle"]
@@ -141,3 +142,17 @@ def test_cache_text_script_covers_packed_captions(tmp_path):
     first = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     second = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     assert first["entries"] == first["captions"] == first["newly_encoded"] and second["newly_encoded"] == 0
+
+
+def test_tiny_layers_from_config_and_word_identity():
+    """text.tiny_layers picks the tiny encoder's depth (part of its identity, so caches never mix). With one
+    layer, two colour words at the same position stay far apart; the 2-layer default nearly merges them."""
+    one = text_encoder_from_config({"encoder": "tiny", "path": None, "tiny_layers": 1})
+    two = text_encoder_from_config({"encoder": "tiny", "path": None})
+    assert ":l1:" in one.identity and ":l2:" in two.identity
+    assert len(one.tower.transformer.resblocks) == 1
+
+    def colour_cosine(enc):
+        hidden, _, _ = enc.encode(["a red circle", "a blue circle"])
+        return torch.nn.functional.cosine_similarity(hidden[0, 2], hidden[1, 2], dim=0).item()
+    assert colour_cosine(one) < 0.6 < 0.9 < colour_cosine(two)

@@ -36,6 +36,9 @@ class TextConfig:
     encoder: str = "tiny"                  # hf-clip | open_clip | t5 | tiny | minilm
     path: str | None = None                # local weights folder/file for hf-clip, open_clip, t5
     cache_dir: str | None = None           # caption-embedding cache (LMDB); None: encode every step
+    # Depth of the tiny encoder. Its second random layer washes word identity out of the features (cosine of
+    # "red" vs "blue" at one position: 0.95 with 2 layers, 0.38 with 1); the shapes configs use 1.
+    tiny_layers: int = 2
 
 
 @dataclass

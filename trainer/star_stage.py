@@ -17,7 +17,7 @@ from models.checkpoint import (
 from models.sampler import split_official_state_dict
 from models.star import STAR
 from models.text_cache import CachedTextEncoder
-from models.text_encoder import build_text_encoder
+from models.text_encoder import text_encoder_from_config
 from trainer.config import RunConfig
 from trainer.optim import with_ema_weights
 from utils.config import to_dict
@@ -48,7 +48,7 @@ class StarStage:
         if cfg.loop.init_from:
             load_init_weights(self.model, cfg.loop.init_from)
         self.vqvae = load_vqvae_for(cfg.star_train.vqvae, cfg.model.patch_nums).to(device)
-        encoder = build_text_encoder(cfg.text.encoder, cfg.text.path).to(device)
+        encoder = text_encoder_from_config(to_dict(cfg.text)).to(device)
         if encoder.dim != cfg.model.text_dim:
             raise ValueError(f"text encoder '{cfg.text.encoder}' gives {encoder.dim}-d features but model.text_dim "
                              f"is {cfg.model.text_dim}: set --model.text_dim={encoder.dim}")
