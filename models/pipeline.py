@@ -108,11 +108,11 @@ class StarPipeline:
         if text_encoder is None:
             if not text_config:
                 raise CheckpointError(f"{path} does not name its text encoder: pass text_encoder=(kind, path)")
-            text_encoder = text_encoder_from_config(text_config)
         elif isinstance(text_encoder, (str, tuple)):
             kind, enc_path = (text_encoder, None) if isinstance(text_encoder, str) else text_encoder
             text_config = {"encoder": kind, "path": enc_path}
-            text_encoder = build_text_encoder(kind, enc_path)
+        if not isinstance(text_encoder, TextEncoder):
+            text_encoder = text_encoder_from_config(text_config)
         return cls(star, vqvae, text_encoder, sampler, device, dtype, text_config, generation)
 
     @classmethod

@@ -59,10 +59,9 @@ def main(argv=None) -> int:
     py = sys.executable
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    if summary.get("mode") not in (None, name):
-        raise SystemExit(f"[quickstart] {out} holds a '{summary['mode']}' run; use --fresh (or another --out)")
-    if summary.get("precision") not in (None, args.precision):
-        raise SystemExit(f"[quickstart] {out} holds a {summary['precision']} run; use --fresh (or another --out)")
+    for key, value in (("mode", name), ("precision", args.precision)):
+        if summary.get(key) not in (None, value):
+            raise SystemExit(f"[quickstart] {out} holds a {key}={summary[key]} run; use --fresh (or another --out)")
     summary["mode"], summary["precision"] = name, args.precision
     seconds = summary.setdefault("stage_seconds", {})
     log = out / "quickstart.log"
