@@ -16,10 +16,8 @@ import random
 import time
 
 import gradio as gr
-import torch
 
-from models.checkpoint import OFFICIAL_PRESETS
-from models.pipeline import StarPipeline
+from models.pipeline import StarPipeline, add_pipeline_args
 
 TINY_NOTE = ("**Note:** no checkpoint was given, so this demo runs the *embedded tiny model* with random weights: "
              "the images are noise. Start it with `--ckpt DIR` to use a trained pipeline.")
@@ -75,13 +73,8 @@ def build_demo(pipe: StarPipeline, note: str = "", max_images: int = 4) -> gr.Bl
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="our pipeline directory or an official .pth (with --preset)")
-    p.add_argument("--preset", choices=sorted(OFFICIAL_PRESETS))
-    p.add_argument("--vae")
-    p.add_argument("--text-encoder")
-    p.add_argument("--text-encoder-path")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
+    add_pipeline_args(p, "our pipeline directory or an official .pth (with --preset); "
+                         "omitted: the embedded random tiny model")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
@@ -91,10 +84,7 @@ def main(argv=None) -> int:
     if args.ckpt is None:
         pipe, note = StarPipeline.tiny_random(device=args.device), TINY_NOTE
     else:
-        text = (args.text_encoder, args.text_encoder_path) if args.text_encoder else None
-        pipe = StarPipeline.from_pretrained(args.ckpt, vae=args.vae, text_encoder=text, preset=args.preset,
-                                            device=args.device, dtype=args.dtype)
-        note = ""
+        pipe, note = StarPipeline.from_args(args), ""
     demo = build_demo(pipe, note, args.max_images)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)

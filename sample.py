@@ -20,11 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from models.checkpoint import OFFICIAL_PRESETS
-from models.pipeline import StarPipeline
+from models.pipeline import StarPipeline, add_pipeline_args
 from models.sampler import SCHEDULES
 from utils import dist
 
@@ -53,15 +51,8 @@ def read_items(args) -> list[dict]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("model")
-    src.add_argument("--ckpt", help="our pipeline directory, or an official .pth (with --preset); "
-                                    "omitted: the embedded random tiny model (plumbing only)")
-    src.add_argument("--preset", choices=sorted(OFFICIAL_PRESETS), help="architecture of an official .pth")
-    src.add_argument("--vae", help="VQ-VAE: our directory or VAR's vae_ch160v4096z32.pth (default: from --ckpt)")
-    src.add_argument("--text-encoder", help="hf-clip | open_clip | t5 | tiny | minilm (default: from --ckpt)")
-    src.add_argument("--text-encoder-path", help="local weights of the text encoder")
-    src.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    src.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (CUDA autocast; default bf16 there)")
+    add_pipeline_args(p, "our pipeline directory, or an official .pth (with --preset); "
+                         "omitted: the embedded random tiny model (plumbing only)")
     what = p.add_argument_group("prompts").add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt")
     what.add_argument("--prompts", help=".txt (one prompt per line) or .jsonl ({'prompt', optional 'seed'})")
@@ -93,9 +84,7 @@ def load_pipeline(args) -> StarPipeline:
     if args.ckpt is None:
         print("[sample] no --ckpt: using the embedded random tiny model (images are noise)", file=sys.stderr)
         return StarPipeline.tiny_random(device=args.device)
-    text = (args.text_encoder, args.text_encoder_path) if args.text_encoder else None
-    return StarPipeline.from_pretrained(args.ckpt, vae=args.vae, text_encoder=text, preset=args.preset,
-                                       device=args.device, dtype=args.dtype)
+    return StarPipeline.from_args(args)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ keeps every token outside it, at every scale, by teacher forcing.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.checkpoint import (
+    OFFICIAL_PRESETS,
     CheckpointError,
     load_official_star_and_sampler,
     load_pretrained_sampler,
@@ -116,6 +118,13 @@ class StarPipeline:
         return cls(star, vqvae, text_encoder, sampler, device, dtype, text_config, generation)
 
     @classmethod
+    def from_args(cls, args) -> StarPipeline:
+        """The pipeline named by the options of ``add_pipeline_args`` (``args.ckpt`` must be set)."""
+        text = (args.text_encoder, args.text_encoder_path) if args.text_encoder else None
+        return cls.from_pretrained(args.ckpt, vae=args.vae, text_encoder=text, preset=args.preset,
+                                   device=args.device, dtype=args.dtype)
+
+    @classmethod
     def tiny_random(cls, seed: int = 0, device: str | torch.device = "cpu") -> StarPipeline:
         """The embedded tiny model (randomly initialised, 64x64, tiny text encoder): for demos and tests of the
         plumbing when no checkpoint is at hand. Its images are noise-like."""
@@ -197,6 +206,19 @@ class StarPipeline:
         known = [t.repeat(n, 1) for t in self.vqvae.img_to_idx(x)]
         keep = [k.repeat(n, 1) for k in keep_masks(m, self.star.cfg.patch_nums)]
         return self(prompt, keep_tokens=known, keep=keep, **kwargs)
+
+
+def add_pipeline_args(parser: argparse.ArgumentParser, ckpt_help: str) -> None:
+    """Options saying which pipeline to load (``StarPipeline.from_args``): sample.py, demo_gradio.py and
+    scripts/eval_mjhq.py take the same ones."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--ckpt", help=ckpt_help)
+    group.add_argument("--preset", choices=sorted(OFFICIAL_PRESETS), help="architecture of an official .pth")
+    group.add_argument("--vae", help="VQ-VAE: our directory or VAR's vae_ch160v4096z32.pth (default: from --ckpt)")
+    group.add_argument("--text-encoder", help="hf-clip | open_clip | t5 | tiny | minilm (default: from --ckpt)")
+    group.add_argument("--text-encoder-path", help="local weights of the text encoder")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (CUDA autocast; default bf16 there)")
 
 
 def _load_vae(vae, star: STAR) -> VQVAE:

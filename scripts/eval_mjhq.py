@@ -27,8 +27,7 @@ from PIL import Image  # noqa: E402
 from metrics.clip_score import ClipEmbedder, clip_score  # noqa: E402
 from metrics.cmmd import cmmd  # noqa: E402
 from metrics.fid import InceptionFeatures, feature_stats, frechet_distance  # noqa: E402
-from models.checkpoint import OFFICIAL_PRESETS  # noqa: E402
-from models.pipeline import StarPipeline  # noqa: E402
+from models.pipeline import StarPipeline, add_pipeline_args  # noqa: E402
 from utils import dist  # noqa: E402
 
 
@@ -130,13 +129,7 @@ def parse_args(argv=None):
     p.add_argument("--meta", required=True, type=Path, help="MJHQ meta_data.json")
     p.add_argument("--images", required=True, type=Path, help="MJHQ image root (<category>/<name>.jpg)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--ckpt", help="pipeline directory or official .pth (with --preset, --vae, --text-encoder)")
-    p.add_argument("--preset", choices=sorted(OFFICIAL_PRESETS))
-    p.add_argument("--vae")
-    p.add_argument("--text-encoder")
-    p.add_argument("--text-encoder-path")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
+    add_pipeline_args(p, "pipeline directory or official .pth (with --preset, --vae, --text-encoder)")
     p.add_argument("--per-category", type=int, default=0, help="only the first N prompts of each category")
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--top-k", type=int, default=4096)
@@ -163,9 +156,7 @@ def main(argv=None, pipe: StarPipeline | None = None, extractors: tuple | None =
     if pipe is None and not args.skip_generation:
         if args.ckpt is None:
             raise SystemExit("--ckpt is required to generate (or pass --skip-generation)")
-        text = (args.text_encoder, args.text_encoder_path) if args.text_encoder else None
-        pipe = StarPipeline.from_pretrained(args.ckpt, vae=args.vae, text_encoder=text, preset=args.preset,
-                                            device=args.device, dtype=args.dtype)
+        pipe = StarPipeline.from_args(args)
     if not args.skip_generation:
         generated = generate(pipe, items, gen_dir, args)
         print(json.dumps({"rank": dist.get_rank(), "generated": generated}), flush=True)
