@@ -69,10 +69,24 @@ def schedule_for_scale(name: str | MaskSchedule, scale_index: int) -> MaskSchedu
 
 def arccos_counts(n: int, steps: int) -> list[int]:
     """New tokens per step: proportional to arccos(r)/(pi/2) for r = linspace(1, 0, steps), rounded half to
-    even, zeros raised to 1, the remainder added to the last step (the official Scheduler)."""
+    even, zeros raised to 1, the remainder added to the last step (the official Scheduler).
+
+    On small scales that rule can overshoot n (n=4, 8 steps: seven 1s and a last step of -3; the official
+    code only refines large scales). There the scale takes min(n, steps) steps instead, each committing at
+    least one token and the rest shared in proportion to the same weights (largest remainders first)."""
+    if min(n, steps) == 1:
+        return [n]
     w = torch.arccos(torch.linspace(1, 0, steps)) / (math.pi / 2)
     counts = torch.round(w / w.sum() * n).long().clamp_min(1)
     counts[-1] += n - counts.sum()
+    if counts[-1] >= 0:
+        return counts.tolist()
+    steps = min(n, steps)
+    w = torch.arccos(torch.linspace(1, 0, steps, dtype=torch.float64)) / (math.pi / 2)
+    share = w / w.sum() * (n - steps)  # what is left after one token per step
+    counts = 1 + share.floor().long()
+    remainder = n - int(counts.sum())
+    counts[(share - share.floor()).argsort(descending=True)[:remainder]] += 1
     return counts.tolist()
 
 

@@ -96,6 +96,35 @@ def test_arccos_counts_match_the_official_tables(n, steps, expected):
     assert arccos_counts(n, steps) == expected
 
 
+@pytest.mark.parametrize("steps", [1, 5, 8, 15])
+def test_arccos_counts_fill_small_scales(steps):
+    """Every scale size gets a valid plan: counts >= 0 summing to n, at most ``steps`` steps (the official rule
+    alone gives n=4 at 8 steps a last step of -3)."""
+    for n in range(1, 300):
+        counts = arccos_counts(n, steps)
+        assert sum(counts) == n and min(counts) >= 0 and len(counts) <= steps, (n, counts)
+
+
+def test_head_refines_scales_smaller_than_its_step_count(reference):
+    """A head from scale 1 on (2x2 = 4 tokens < 8 steps): one token per step there, every position once."""
+    meta, golden, text, vae, star, _ = reference
+    torch.manual_seed(0)
+    head = SamplerHead(star.cfg, sample_from=1)
+    head.init_weights()
+    committed_per_step = []
+    _, tokens = star.generate(
+        vae, *text, cfg=2.0, top_k=0, top_p=0.0, generator=torch.Generator().manual_seed(0), sampler=head,
+        return_tokens=True, sampler_step_callback=lambda step, idx, c: committed_per_step.append(c.sum(1)))
+    sizes = [pn * pn for pn in star.cfg.patch_nums[1:]]
+    assert len(committed_per_step) == sum(min(n, 8) for n in sizes)
+    begin = 0
+    for n in sizes:  # the committed count grows to n on every scale
+        steps = committed_per_step[begin:begin + min(n, 8)]
+        assert (steps[-1] == n).all() and all((a <= b).all() for a, b in zip(steps, steps[1:]))
+        begin += min(n, 8)
+    assert all(((t >= 0) & (t < star.cfg.vocab_size)).all() for t in tokens)
+
+
 def test_visible_fraction_has_mean_two_over_pi():
     r = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
     assert abs(visible_probability(r).mean().item() - 2 / torch.pi) < 3e-3
