@@ -38,9 +38,8 @@ def test_loss_is_averaged_over_kept_tokens_and_early_logits_are_unchanged(tmp_pa
     stage = _stage(tmp_path, **{"star_train.token_drop": "random", "star_train.drop_from_scale": 2,
                                 "star_train.keep_fraction": 0.25})
     batch, loss, metrics, keep = _loss_and_its_keep_mask(stage, ["a red circle at the top left", ""], seed=1)
-    img = batch["image"]
     assert keep.sum() == 5 + 4  # scales 0-1 (5 tokens) + 4 of the 16 last-scale tokens
-    gt, var_input = stage.tokens(img)
+    gt, var_input = stage.tokens(batch)
     text = stage.text.encode(batch["caption"])
     full, _ = stage.model(var_input, *text)
     dropped, _ = stage.model(var_input, *text, keep=keep)
@@ -55,7 +54,7 @@ def test_scale_balanced_loss_is_the_mean_of_per_scale_means(tmp_path):
                                            "star_train.drop_from_scale": 2, "star_train.keep_fraction": 0.25})
         batch, loss, metrics, keep = _loss_and_its_keep_mask(stage, ["a red circle at the top left", "a blue square"],
                                                              seed=3)
-        gt, var_input = stage.tokens(batch["image"])
+        gt, var_input = stage.tokens(batch)
         logits, _ = stage.model(var_input, *stage.text.encode(batch["caption"]), keep=keep)
         keep = torch.ones(1 + 4 + 16, dtype=torch.bool) if keep is None else keep
         gt, scale = gt[:, keep], torch.tensor([0] + [1] * 4 + [2] * 16)[keep]

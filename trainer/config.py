@@ -122,6 +122,9 @@ class StarTrainConfig:
     # token: every token weighs the same (official); scale: every scale weighs the same, so the few coarse
     # tokens that decide colour and layout are not drowned by the fine ones (faster text conditioning).
     loss_weighting: str = "token"
+    # Keep each record's VQ-VAE tokens in memory after its first epoch (2 bytes per token per record, on every
+    # rank) instead of re-encoding the image at every step; needs a data set without random crop or flip.
+    token_cache: bool = False
 
     def generation(self) -> dict:
         """The exported pipeline's default sampling settings (keyword arguments of ``StarPipeline.__call__``)."""
@@ -176,6 +179,9 @@ class RunConfig:
         if self.stage == "sampler" and self.loop.init_from:
             raise ConfigError("stage 'sampler' starts the head from scratch; the backbone comes from "
                               "sampler_train.backbone, not loop.init_from")
+        if self.stage != "vqvae" and self.star_train.token_cache and (self.data.random_crop > 0 or self.data.hflip):
+            raise ConfigError("star_train.token_cache keeps one set of tokens per record, but data.random_crop / "
+                              "data.hflip give a different image at every visit: turn one or the other off")
         if self.stage != "vqvae" and tuple(self.model.patch_nums) != tuple(self.vqvae.patch_nums):
             raise ConfigError(f"model.patch_nums {self.model.patch_nums} != vqvae.patch_nums {self.vqvae.patch_nums}")
 

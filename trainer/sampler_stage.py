@@ -40,8 +40,7 @@ class SamplerStage(StarStage):
         self.attn_mask = self.model.training_mask(self.backbone)
 
     def loss(self, model: nn.Module, batch: dict):
-        img = batch["image"].to(self.device, non_blocking=True)
-        gt, var_input = self.tokens(img)
+        gt, var_input = self.tokens(batch)
         text_hidden, text_mask, pooled = (t.to(self.device) for t in self.text.encode(list(batch["caption"])))
         with torch.no_grad():
             _, hidden = self.backbone(var_input, text_hidden, text_mask, pooled)
