@@ -37,7 +37,7 @@ def test_cached_tokens_equal_fresh_ones_and_only_new_records_are_encoded(tmp_pat
     gt2, var_input2 = stage.tokens(second)
     assert encoded == [4, 2] and torch.equal(gt2, reference[[5, 1, 4, 0]])
     assert torch.equal(var_input2[1], var_input[1]) and torch.equal(var_input2[3], var_input[0])
-    assert (stage.token_cache.hits, stage.token_cache.misses) == (2, 6)
+    assert len(stage.token_cache.tokens) == 6
     assert next(iter(stage.token_cache.tokens.values())).dtype == torch.int16  # 64 codes: 2 bytes per token
 
 

@@ -44,15 +44,15 @@ class TokenCache:
     """Each record's VQ-VAE tokens, computed the first time the record is seen and reused at later visits.
 
     Valid because the VQ-VAE is frozen and, without random crop or flip, a record always gives the same image
-    (RunConfig.validate checks). Nothing of it is checkpointed: a resumed run re-encodes what it meets, and the
-    encoder gives the same tokens for an image whatever else is in its batch, so resume stays exact. Memory:
-    2 bytes per token (680 tokens at 256^2: 1.3 GB per million records, on every rank).
+    (RunConfig.validate checks). Nothing of it is checkpointed: a resumed run re-encodes what it meets, which
+    gives the same tokens as long as the encoder's result for an image does not depend on the rest of its batch
+    (true on the CPU, tested; GPU convolution algorithms may differ in the last bit). Memory: 2 bytes per token
+    (680 tokens at 256^2: 1.4 GB per million records, on every rank, as every rank meets every record in time).
     """
 
     def __init__(self, vocab_size: int):
         self.dtype = torch.int16 if vocab_size <= 2 ** 15 else torch.int32
         self.tokens: dict[str, torch.Tensor] = {}
-        self.hits = self.misses = 0
 
     def lookup(self, keys: list[str], images: torch.Tensor, encode) -> torch.Tensor:
         """Tokens (B, L) int64 on the CPU for records ``keys``; ``encode(images[missing]) -> (n, L)`` fills gaps."""
@@ -61,8 +61,6 @@ class TokenCache:
             fresh = encode(images[missing]).cpu().to(self.dtype)
             for i, row in zip(missing, fresh):
                 self.tokens[keys[i]] = row
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
         return torch.stack([self.tokens[key] for key in keys]).long()
 
 
