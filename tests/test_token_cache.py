@@ -49,7 +49,7 @@ def test_token_cache_refuses_random_augmentation(tmp_path, vqvae_dir):
 
 
 def test_training_with_the_cache_is_bit_identical(tmp_path, vqvae_dir):
-    # 24 records, batch 8: 3 batches per epoch, so 8 steps revisit every record twice (from the cache).
+    # 24 records, batch 8: 3 batches per epoch, so in 8 steps every record is met 2-3 times (later from the cache).
     common = {"data.shapes_count": 24, "loop.ckpt_every": 100}
     runs = {}
     for cache in (False, True):

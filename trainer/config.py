@@ -122,7 +122,7 @@ class StarTrainConfig:
     # token: every token weighs the same (official); scale: every scale weighs the same, so the few coarse
     # tokens that decide colour and layout are not drowned by the fine ones (faster text conditioning).
     loss_weighting: str = "token"
-    # Keep each record's VQ-VAE tokens in memory after its first epoch (2 bytes per token per record, on every
+    # Keep each record's VQ-VAE tokens in memory once it is first encoded (2 bytes per token per record, on every
     # rank) instead of re-encoding the image at every step; needs a data set without random crop or flip.
     token_cache: bool = False
 

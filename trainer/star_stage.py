@@ -86,7 +86,7 @@ class StarStage:
         """Ground-truth tokens (B, L) of the batch's images and the transformer's input (B, L-1, Cvae)."""
         img = batch["image"]
         if self.token_cache is None:
-            gt = self.encode_tokens(img.to(self.device, non_blocking=True))
+            gt = self.encode_tokens(img)
         else:
             gt = self.token_cache.lookup(list(batch["key"]), img, self.encode_tokens).to(self.device)
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
@@ -94,7 +94,7 @@ class StarStage:
 
     def encode_tokens(self, img: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            return torch.cat(self.vqvae.img_to_idx(img.to(self.device).float()), dim=1)
+            return torch.cat(self.vqvae.img_to_idx(img.to(self.device, non_blocking=True).float()), dim=1)
 
     def keep_mask(self) -> torch.Tensor | None:
         """Which tokens this step trains on (None: all). Drawn from the global RNG, which checkpoints restore.
