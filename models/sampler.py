@@ -130,6 +130,24 @@ class SamplerHead(nn.Module):
             block.attn.proj.weight.div_(math.sqrt(2 * self.num_blocks))
             block.ffn.fc2.weight.div_(math.sqrt(2 * self.num_blocks))
 
+    @torch.no_grad()
+    def init_from_backbone(self, star: STAR) -> None:
+        """Start as the backbone's own next-token distribution (not official): head_proj passes the hidden state
+        through and ignores the codes, every block's residual branches are zero, head_logits2 is a copy of the
+        backbone's head_logits, so with the backbone's LayerNorm before the logits (``head_norm``) the head
+        returns the backbone's logits, and training only has to learn what the committed tokens add. A freshly
+        initialised head first has to relearn the backbone's output layer, and within a short run ends up
+        predicting hidden tokens worse than the backbone does."""
+        C = self.cfg.width
+        self.head_proj.weight.zero_()
+        self.head_proj.bias.zero_()
+        self.head_proj.weight[:, C:].copy_(torch.eye(C))
+        for block in self.feat_extract_blocks:
+            for linear in (block.attn.proj, block.ffn.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+        self.head_logits2.load_state_dict(star.head_logits.state_dict())
+
     def text_token(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.encoder_proj2(pooled.float()).unsqueeze(1) + self.pos_start_last  # (B, 1, C)
 

@@ -4,6 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.checkpoint import load_pretrained_sampler, load_pretrained_star, load_pretrained_vqvae, save_pretrained
+from models.sampler import SamplerHead
 from models.star import STAR, StarConfig
 from tests.train_helpers import history, make_vqvae_dir, run_train, star_overrides
 
@@ -28,10 +29,12 @@ def sampler_args(out_dir, dirs, steps, **extra):
     return star_overrides(out_dir, vqvae_dir, steps, **extra)
 
 
-def test_only_the_head_learns_and_loss_falls(tmp_path, dirs):
+@pytest.mark.parametrize("init_from_backbone", [False, True])
+def test_only_the_head_learns_and_loss_falls(tmp_path, dirs, init_from_backbone):
     run = run_train(sampler_args(tmp_path / "run", dirs, 40, **{"loop.ckpt_every": 100, "optim.lr": 1e-2,
                                                                "loop.sample_every": 40,
-                                                               "star_train.sample_prompts": '["a red circle"]'}),
+                                                               "star_train.sample_prompts": '["a red circle"]',
+                                                               "sampler_train.init_from_backbone": init_from_backbone}),
                     script="train_sampler.py")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [r for r in history(tmp_path / "run") if "loss" in r]
@@ -86,3 +89,24 @@ def test_train_sampler_rejects_other_stages(tmp_path, dirs):
     proc = run_train(sampler_args(tmp_path / "y", dirs, 2, **{"sampler_train.backbone": ""}),
                      script="train_sampler.py")
     assert proc.returncode == 2 and "sampler_train.backbone" in proc.stderr
+
+
+def test_head_initialised_from_the_backbone_returns_the_backbone_logits():
+    """Whatever tokens are committed, a head made by ``init_from_backbone`` predicts every position of its scales
+    as the backbone's own forward pass does (the reference: STAR.forward's logits)."""
+    torch.manual_seed(0)
+    star = STAR(StarConfig(**TINY_STAR, drop_path_rate=0.0))
+    star.init_weights()
+    with torch.no_grad():  # logits far from uniform, so that a mismatch would show
+        star.head_logits.weight.normal_(0, 1.0)
+    head = SamplerHead(star.cfg, sample_from=1)
+    head.init_weights()
+    head.init_from_backbone(star)
+    B, begin = 3, star.scale_begins[1]
+    var_input, text, mask, pooled = torch.randn(B, 20, 8), torch.randn(B, 5, 64), torch.ones(B, 5), torch.randn(B, 64)
+    logits, hidden = star(var_input, text, mask, pooled)
+    n = star.cfg.seq_len - begin
+    codes = torch.randn(B, n, 8) * (torch.rand(B, n, 1) < 0.5)
+    rope = head.rope_for(star, begin, star.cfg.seq_len)
+    head_logits = head(codes, star.level_ids[begin:], hidden[:, begin:], pooled, rope, head.training_mask(star))
+    torch.testing.assert_close(head_logits, logits[:, begin:], rtol=1e-5, atol=1e-5)

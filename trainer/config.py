@@ -149,6 +149,7 @@ class SamplerTrainConfig:
     backbone: str = ""                     # the frozen STAR: our checkpoint dir, or an official .pth (model.* must fit)
     sample_from: int = -1                  # first scale index the head covers (negative: from the end; official 9)
     num_blocks: int = 3
+    init_from_backbone: bool = False       # start as the backbone's logits (SamplerHead.init_from_backbone)
     schedule: str = "default"              # refinement schedule for samples: default | official-1024
 
     def validate(self) -> None:

@@ -33,6 +33,8 @@ class SamplerStage(StarStage):
         sc, S = cfg.sampler_train, len(cfg.model.patch_nums)
         self.model = SamplerHead(cfg.model, sample_from=sc.sample_from % S, num_blocks=sc.num_blocks)
         self.model.init_weights()
+        if sc.init_from_backbone:
+            self.model.init_from_backbone(self.backbone)
         begin = self.backbone.scale_begins[self.model.sample_from]
         self.begin = begin
         self.levels = self.backbone.level_ids[begin:]
