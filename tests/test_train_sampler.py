@@ -31,11 +31,10 @@ def sampler_args(out_dir, dirs, steps, **extra):
 
 @pytest.mark.parametrize("init_from_backbone", [False, True])
 def test_only_the_head_learns_and_loss_falls(tmp_path, dirs, init_from_backbone):
-    run = run_train(sampler_args(tmp_path / "run", dirs, 40, **{"loop.ckpt_every": 100, "optim.lr": 1e-2,
-                                                               "loop.sample_every": 40,
-                                                               "star_train.sample_prompts": '["a red circle"]',
-                                                               "sampler_train.init_from_backbone": init_from_backbone}),
-                    script="train_sampler.py")
+    extra = {"loop.ckpt_every": 100, "optim.lr": 1e-2, "loop.sample_every": 40,
+             "star_train.sample_prompts": '["a red circle"]',
+             "sampler_train.init_from_backbone": str(init_from_backbone).lower()}
+    run = run_train(sampler_args(tmp_path / "run", dirs, 40, **extra), script="train_sampler.py")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [r for r in history(tmp_path / "run") if "loss" in r]
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
