@@ -135,9 +135,9 @@ class SamplerHead(nn.Module):
         """Start as the backbone's own next-token distribution (not official): head_proj passes the hidden state
         through and ignores the codes, every block's residual branches are zero, head_logits2 is a copy of the
         backbone's head_logits (after the same ``head_norm``), so the head returns the backbone's logits and
-        training only has to learn what the committed tokens add. A freshly
-        initialised head first has to relearn the backbone's output layer, and within a short run ends up
-        predicting hidden tokens worse than the backbone does."""
+        training only has to learn what the committed tokens add. A freshly initialised head first has to relearn
+        the backbone's output layer, and within a short run ends up predicting hidden tokens worse than the
+        backbone does."""
         C = self.cfg.width
         self.head_proj.weight.zero_()
         self.head_proj.bias.zero_()
