@@ -1,12 +1,18 @@
 #!/usr/bin/env python
 """The whole pipeline on a CPU: shapes data -> VQ-VAE -> STAR -> sampler head -> generation -> judge.
 
-    python scripts/quickstart.py [--fresh] [--long] [--smoke] [--precision bf16] [--out outputs/quickstart]
+    python scripts/quickstart.py [--fresh] [--long] [--smoke] [--minutes 20] [--precision auto|fp32|bf16]
+                                 [--out outputs/quickstart]
 
 Every stage runs the real entry script with the config in configs/; a stage whose result exists is reused
 (and a half-finished training run resumes), --fresh starts over. Writes OUT/summary.json and prints a summary.
-scripts/quickstart.sh sets up the environment first and then runs this. --precision bf16 trains under bf16
-autocast: only for CPUs with AMX (bf16 matrix units; ~1.5x faster there), far slower on other CPUs.
+scripts/quickstart.sh sets up the environment first and then runs this.
+
+The default run fits a time budget (--minutes, 20): each training stage gets a share of the time left
+(loop.time_budget_s: the loop fixes its step count from the speed of its first steps), so a faster machine
+trains longer; the step counts used are in summary.json ("steps"). --minutes 0 uses fixed step counts
+(STEPS["default"]), the same on every machine. --precision auto trains under bf16 autocast on CPUs with AMX (bf16
+matrix units; ~1.5x faster there) and in fp32 elsewhere (bf16 is far slower than fp32 without AMX).
 """
 from __future__ import annotations
 
@@ -22,12 +28,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"one": 0.90, "two": 0.60}  # all-correct accuracy on held-out prompts
 
-# Steps per stage: default (fits the time budget), --long, --smoke (CI: seconds per stage).
+# Steps per stage: default (--minutes 0: fixed counts that fit 20 minutes on the slowest 2-core machine seen),
+# --long, --smoke (CI: seconds per stage). With a time budget the --long counts are the upper bounds.
 STEPS = {
     "default": {"data": 20000, "vqvae": 500, "star": 550, "sampler": 150, "eval": 200},
     "long": {"data": 20000, "vqvae": 2000, "star": 6000, "sampler": 600, "eval": 400},
     "smoke": {"data": 64, "vqvae": 2, "star": 2, "sampler": 2, "eval": 4},
 }
+# Shares of the training time under a budget, and seconds kept back for what is not a training loop: each
+# training process's start-up and export, the VQ-VAE evaluation, generation and judging.
+# (The head gets little: on the shapes models it has not improved all-correct accuracy, docs/quickstart_experiments.md.)
+BUDGET_SHARES = {"vqvae": 0.30, "star": 0.66, "sampler": 0.04}
+STARTUP_SECONDS = 15
+EVAL_SECONDS = {"vqvae_eval": 15, "generate_and_judge": 60}
+
+
+def has_amx() -> bool:
+    """Whether the CPU has AMX bf16 units (Linux: /proc/cpuinfo flags)."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -47,9 +68,15 @@ def main(argv=None) -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--long", action="store_true", help="train longer for better numbers")
     mode.add_argument("--smoke", action="store_true", help="a few steps per stage (CI)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="training precision (loop.precision); bf16 only pays on CPUs with AMX")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time budget of the default run (default 20; 0: fixed step counts)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="training precision (loop.precision); auto: bf16 on CPUs with AMX, else fp32")
     args = p.parse_args(argv)
+    if args.minutes is not None and (args.long or args.smoke):
+        p.error("--minutes sets the default run's budget; --long and --smoke use fixed step counts")
+    minutes = 20.0 if args.minutes is None and not (args.long or args.smoke) else (args.minutes or 0.0)
+    precision = args.precision if args.precision != "auto" else "bf16" if has_amx() else "fp32"
     out = args.out if args.out.is_absolute() else REPO / args.out
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -59,14 +86,15 @@ def main(argv=None) -> int:
     py = sys.executable
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    for key, value in (("mode", name), ("precision", args.precision)):
+    for key, value in (("mode", name), ("precision", precision), ("budget_minutes", minutes)):
         if summary.get(key) not in (None, value):
             raise SystemExit(f"[quickstart] {out} holds a {key}={summary[key]} run; use --fresh (or another --out)")
-    summary["mode"], summary["precision"] = name, args.precision
+    summary["mode"], summary["precision"], summary["budget_minutes"] = name, precision, minutes
     seconds = summary.setdefault("stage_seconds", {})
+    used_steps = summary.setdefault("steps", {})
     log = out / "quickstart.log"
     data_dir, text_cache = out / "data", out / "text_cache"
-    train_args = [f"--loop.precision={args.precision}"]
+    train_args = [f"--loop.precision={precision}"]
     if args.smoke:
         train_args += ["--loop.batch_size=8", "--loop.ckpt_every=1000", "--loop.log_every=1"]
     common = ["--data.source=lmdb", f"--data.lmdb_dirs=[\"{data_dir}\"]"]
@@ -80,6 +108,20 @@ def main(argv=None) -> int:
         seconds[key] = round(time.perf_counter() - start, 1)
         summary_path.write_text(json.dumps(summary, indent=2))
 
+    def training_steps(key: str) -> list[str]:
+        """--loop.steps (and, under a budget, --loop.time_budget_s) for training stage ``key``: its share of the
+        training time still left once the stages that follow have their allowance."""
+        if not minutes:
+            return [f"--loop.steps={steps[key]}"]
+        later = list(BUDGET_SHARES)[list(BUDGET_SHARES).index(key):]
+        left = minutes * 60 - sum(seconds.values()) - sum(EVAL_SECONDS[k] for k in EVAL_SECONDS if k not in seconds)
+        share = BUDGET_SHARES[key] / sum(BUDGET_SHARES[k] for k in later)
+        budget = max(left - STARTUP_SECONDS * len(later), 0.0) * share
+        return [f"--loop.steps={STEPS['long'][key]}", f"--loop.time_budget_s={budget:.0f}"]
+
+    def record_steps(key: str) -> None:
+        used_steps[key] = json.loads((out / key / "config.json").read_text())["loop"]["steps"]
+
     ref = Path(os.environ.get("STAR_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
     if ref.is_dir():  # parity with the official implementation (the golden tensors), before any training
         stage("parity", out / "parity.json", [py, "scripts/check_parity.py", "--reference-dir", str(ref),
@@ -90,18 +132,21 @@ def main(argv=None) -> int:
     (data_dir / "DONE").touch()
     stage("vqvae", out / "vqvae" / "final" / "config.json",
           [py, "train.py", "--config=configs/shapes_vqvae.json", f"--loop.out_dir={out / 'vqvae'}",
-           f"--loop.steps={steps['vqvae']}", *common, *train_args])
+           *training_steps("vqvae"), *common, *train_args])
+    record_steps("vqvae")
     stage("vqvae_eval", out / "vqvae_eval.json",
           [py, "scripts/eval_vqvae.py", "--vqvae", str(out / "vqvae" / "final"), "--count", str(steps["eval"]),
            "--out", str(out / "vqvae_eval.json")])
     stage("star", out / "star" / "final" / "config.json",
           [py, "train.py", "--config=configs/shapes_star.json", f"--loop.out_dir={out / 'star'}",
-           f"--loop.steps={steps['star']}", f"--star_train.vqvae={out / 'vqvae' / 'final'}",
+           *training_steps("star"), f"--star_train.vqvae={out / 'vqvae' / 'final'}",
            f"--text.cache_dir={text_cache}", *common, *train_args])
+    record_steps("star")
     stage("sampler", out / "sampler" / "final" / "config.json",
           [py, "train_sampler.py", "--config=configs/shapes_sampler.json", f"--loop.out_dir={out / 'sampler'}",
-           f"--loop.steps={steps['sampler']}", f"--sampler_train.backbone={out / 'star' / 'final'}",
+           *training_steps("sampler"), f"--sampler_train.backbone={out / 'star' / 'final'}",
            f"--star_train.vqvae={out / 'vqvae' / 'final'}", f"--text.cache_dir={text_cache}", *common, *train_args])
+    record_steps("sampler")
     pipeline = out / "pipeline"
     if not (pipeline / "config.json").is_file():
         shutil.copytree(out / "sampler" / "final", pipeline, dirs_exist_ok=True)
@@ -132,7 +177,8 @@ def main(argv=None) -> int:
     summary_path.write_text(json.dumps(summary, indent=2))
 
     from metrics.shapes_judge import format_table
-    print("\n[quickstart] summary (" + name + ")")
+    print(f"\n[quickstart] summary ({name}, {precision}" + (f", budget {minutes:g} min" if minutes else "") + ")")
+    print(f"  training steps: {used_steps}")
     for key, sec in seconds.items():
         print(f"  {key:<20} {sec:8.1f} s")
     print(f"  {'total':<20} {summary['total_seconds']:8.1f} s")

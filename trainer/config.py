@@ -78,10 +78,15 @@ class LoopConfig:
     log_every: int = 20
     sample_every: int = 0                  # 0: no periodic samples
     max_nonfinite: int = 20                # stop after this many non-finite losses in a row
+    # > 0: train for as many steps (at most ``steps``) as fit in this many seconds of the loop, the count fixed
+    # once from the speed of the first steps (trainer.loop.BUDGET_TIMED_STEPS) and then kept, resume included.
+    time_budget_s: float = 0.0
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"loop.precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.time_budget_s < 0:
+            raise ConfigError("loop.time_budget_s must be >= 0 (0: no budget, train loop.steps steps)")
 
 
 @dataclass

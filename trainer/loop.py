@@ -47,6 +47,19 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+# loop.time_budget_s: the mean duration of steps first..last sets the step count (the first steps, which pay for
+# data-loader start-up and first-touch allocations, are left out). Until then the LR schedule is that of the
+# upper bound loop.steps; a warm-up of >= last steps (the shipped configs) makes that irrelevant.
+BUDGET_TIMED_STEPS = (5, 20)
+
+
+def steps_within_budget(budget_s: float, elapsed_s: float, step: int, seconds_per_step: float, upper: int) -> int:
+    """Total optimizer steps such that a run that has taken ``elapsed_s`` for ``step`` steps ends within
+    ``budget_s`` at ``seconds_per_step``; never fewer than ``step``, never more than ``upper``."""
+    remaining = max(budget_s - elapsed_s, 0.0)
+    return max(step, min(upper, step + int(remaining / seconds_per_step)))
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -55,6 +68,7 @@ def _autocast(device: torch.device, precision: str):
 
 def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) -> dict:
     """Run (or resume) training; returns the final metrics. ``dataset`` items are dicts with ``image``/``caption``."""
+    t_start = time.time()
     loop, optim_cfg = cfg.loop, cfg.optim
     out_dir = Path(loop.out_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -92,15 +106,23 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         if hasattr(stage, "load_state_dict"):
             stage.load_state_dict(ckpt.get("stage", {}))
         step, epoch, batches_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batches_in_epoch"]
+        if loop.time_budget_s > 0 and ckpt.get("budget_steps"):
+            loop.steps = ckpt["budget_steps"]  # the step count chosen before the interruption
         rngs = ckpt["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch, batches_in_epoch)
     else:
         torch.manual_seed(loop.seed + rank)
     history_path = out_dir / "log.txt"
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    # With a time budget, whether loop.steps is still the upper bound or already the count chosen for the budget.
+    budget_planned = loop.time_budget_s <= 0 or (resumed is not None and bool(resumed[1].get("budget_steps")))
+
+    def write_config():
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    write_config()
 
     sampler = DistributedResumableSampler(len(dataset), rank, world, shuffle=True, seed=loop.seed)
     batches_per_epoch = len(sampler) // per_step
@@ -138,14 +160,31 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None, "step": step,
                        "epoch": epoch, "batches_in_epoch": batches_in_epoch, "rng": rngs,
+                       "budget_steps": loop.steps if loop.time_budget_s > 0 and budget_planned else None,
                        "config": json.dumps(to_dict(cfg)),
                        "stage": stage.state_dict() if hasattr(stage, "state_dict") else {}}
             path = save_checkpoint(out_dir, step, payload, loop.keep_last)
             log.info("saved %s", path)
         dist.barrier()
 
+    def plan_budget(seconds_per_step: float) -> None:
+        """Fix loop.steps from the measured speed (the slowest rank's, so that all ranks agree)."""
+        nonlocal budget_planned
+        timing = torch.tensor([seconds_per_step, time.time() - t_start], dtype=torch.float64,
+                              device=device if device.type == "cuda" else "cpu")
+        if world > 1:
+            tdist.all_reduce(timing, op=tdist.ReduceOp.MAX)
+        upper = loop.steps
+        loop.steps = steps_within_budget(loop.time_budget_s, timing[1].item(), step, timing[0].item(), upper)
+        budget_planned = True
+        bar.total = loop.steps
+        log.info("time budget %.0f s: %.3f s/step after %d steps (%.0f s elapsed) -> %d steps (at most %d)",
+                 loop.time_budget_s, timing[0].item(), step, timing[1].item(), loop.steps, upper)
+        write_config()
+
     data = batches()
     nonfinite_in_row, last = 0, {}
+    timed_from = None  # (step, time) where the budget's timing window opened
     t_window, images_window, tokens_window = time.time(), 0, 0.0
     bar = tqdm(total=loop.steps, initial=step, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
     trained.train()
@@ -191,6 +230,12 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         step += 1
         stage.after_step(step, metrics_sum)
         bar.update(1)
+        if not budget_planned:
+            first, last_timed = BUDGET_TIMED_STEPS
+            if timed_from is None and step >= first:
+                timed_from = (step, time.time())
+            elif timed_from is not None and step - timed_from[0] >= last_timed - first:
+                plan_budget((time.time() - timed_from[1]) / (step - timed_from[0]))
 
         if step % loop.log_every == 0 or step == loop.steps:
             elapsed = time.time() - t_window
