@@ -2,9 +2,9 @@
 
 A stage supplies the trained module and ``loss(batch) -> (loss, metrics)``; the loop does the rest:
 DDP (gradients synchronised on the last micro-step only), AMP (fp16 + GradScaler, bf16), accumulation,
-clipping, LR schedule, EMA, exact resume (model, EMA, optimizer, scaler, step, data position, per-rank RNG),
-atomic checkpoints with keep-last-N, non-finite loss handling, logging (console/tqdm, JSON lines, TensorBoard,
-loss-curve PNG) and periodic samples.
+clipping, LR schedule, an optional time budget, EMA, exact resume (model, EMA, optimizer, scaler, step, data
+position, per-rank RNG), atomic checkpoints with keep-last-N, non-finite loss handling, logging (console/tqdm,
+JSON lines, TensorBoard, loss-curve PNG) and periodic samples.
 """
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ def _autocast(device: torch.device, precision: str):
 
 
 def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) -> dict:
-    """Run (or resume) training; returns the final metrics. ``dataset`` items are dicts with ``image``/``caption``."""
+    """Run (or resume) training; returns the final metrics. ``dataset`` items are dicts with ``image``/``caption``.
+    With ``loop.time_budget_s`` the chosen step count is written into ``cfg.loop.steps``."""
     t_start = time.time()
     loop, optim_cfg = cfg.loop, cfg.optim
     out_dir = Path(loop.out_dir)
