@@ -2,7 +2,7 @@
 """The whole pipeline on a CPU: shapes data -> VQ-VAE -> STAR -> sampler head -> generation -> judge.
 
     python scripts/quickstart.py [--fresh] [--long] [--smoke] [--minutes 20] [--precision auto|fp32|bf16]
-                                 [--out outputs/quickstart]
+                                 [--out outputs/quickstart] [--setup-seconds S]
 
 Every stage runs the real entry script with the config in configs/; a stage whose result exists is reused
 (and a half-finished training run resumes), --fresh starts over. Writes OUT/summary.json and prints a summary.
@@ -72,6 +72,9 @@ def main(argv=None) -> int:
                    help="time budget of the default run (default 20; 0: fixed step counts)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="training precision (loop.precision); auto: bf16 on CPUs with AMX, else fp32")
+    p.add_argument("--setup-seconds", type=float, default=None,
+                   help="time already spent setting up the environment (scripts/quickstart.sh passes it): "
+                        "counted in the budget and in summary.json")
     args = p.parse_args(argv)
     if args.minutes is not None and (args.long or args.smoke):
         p.error("--minutes sets the default run's budget; --long and --smoke use fixed step counts")
@@ -91,6 +94,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"[quickstart] {out} holds a {key}={summary[key]} run; use --fresh (or another --out)")
     summary["mode"], summary["precision"], summary["budget_minutes"] = name, precision, minutes
     seconds = summary.setdefault("stage_seconds", {})
+    if args.setup_seconds is not None:  # the set-up of the invocation that started OUT (a re-run resumes its clock)
+        seconds.setdefault("setup", round(args.setup_seconds, 1))
     used_steps = summary.setdefault("steps", {})
     log = out / "quickstart.log"
     data_dir, text_cache = out / "data", out / "text_cache"

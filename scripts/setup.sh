@@ -7,7 +7,8 @@ cd "$REPO_ROOT"
 want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.star-requirements.sha256"
 # Headless Chromium for the demo's browser test (Debian package; needs root and the Debian mirror).
-if ! command -v chromium >/dev/null 2>&1; then
+# STAR_SETUP_BROWSER=0 skips it (scripts/quickstart.sh: the quickstart does not use a browser).
+if [ "${STAR_SETUP_BROWSER:-1}" != 0 ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing Debian chromium (browser test of demo_gradio.py)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
