@@ -9,7 +9,7 @@ Every stage runs the real entry script with the config in configs/; a stage whos
 scripts/quickstart.sh sets up the environment first and then runs this.
 
 The default run fits a time budget (--minutes, 20): each training stage gets a share of the time left
-(loop.time_budget_s: the loop fixes its step count from the speed of its first steps), so a faster machine
+(loop.time_budget_s: the loop sets its step count from the speed of its first steps), so a faster machine
 trains longer; the step counts used are in summary.json ("steps"). --minutes 0 uses fixed step counts
 (STEPS["default"]), the same on every machine. --precision auto trains under bf16 autocast on CPUs with AMX (bf16
 matrix units; ~1.5x faster there) and in fp32 elsewhere (bf16 is far slower than fp32 without AMX).
@@ -36,9 +36,9 @@ STEPS = {
     "smoke": {"data": 64, "vqvae": 2, "star": 2, "sampler": 2, "eval": 4},
 }
 # Shares of the training time under a budget, and seconds kept back for what is not a training loop: each
-# training process's start-up and export, and its overrun (the first steps, which set the step count, are ~5-13%
-# faster than the run's mean on a 2-core AVX2 machine: checkpoints and samples come later), the VQ-VAE
-# evaluation, generation and judging.
+# training process's start-up and export (~10 s) and a margin for the loop's estimate (its plan from the first
+# steps, revised at the first checkpoint, ran 4-20% short on a 2-core AVX2 machine before the revision), the
+# VQ-VAE evaluation, generation and judging.
 # (The head gets little: on the shapes models it has not improved all-correct accuracy, docs/quickstart_experiments.md.)
 BUDGET_SHARES = {"vqvae": 0.30, "star": 0.66, "sampler": 0.04}
 STARTUP_SECONDS = 25

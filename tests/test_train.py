@@ -179,23 +179,26 @@ def test_steps_within_budget():
 
 
 def test_time_budget_fixes_the_step_count_and_resume_keeps_it(tmp_path, vqvae_dir):
-    extra = {"loop.time_budget_s": 6, "loop.ckpt_every": 10, "loop.keep_last": 1000, "loop.log_every": 10,
+    extra = {"loop.time_budget_s": 8, "loop.ckpt_every": 10, "loop.keep_last": 1000, "loop.log_every": 10,
              "optim.warmup_steps": 20}
     res = run_train(star_overrides(tmp_path / "a", vqvae_dir, 100000, **extra))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "time budget 6 s" in res.stderr
+    assert "time budget 8 s" in res.stderr and "first plan" in res.stderr and "; final)" in res.stderr
     planned = json.loads((tmp_path / "a" / "config.json").read_text())["loop"]["steps"]
-    assert 20 <= planned < 100000
+    assert 30 <= planned < 100000
     ckpts = sorted((tmp_path / "a").glob("ckpt-*.pt"))
     assert ckpts[-1].name == f"ckpt-{planned:08d}.pt" and json.loads(
         torch.load(ckpts[-1], weights_only=True)["config"])["loop"]["steps"] == planned
-    # resumed after the count was fixed (here from the step-20 checkpoint), the run keeps that count and the
-    # same schedule, whatever the budget says now: the weights are those of the uninterrupted run
+    # the plan after step 20 is revised at the next checkpoint (step 30); checkpoints from then on hold the count
+    stored = {int(c.stem.split("-")[1]): torch.load(c, weights_only=True)["budget_steps"] for c in ckpts}
+    assert stored[10] is None and stored[20] is None and stored[30] == planned
+    # resumed from a checkpoint with the final count, the run keeps that count and the same schedule, whatever
+    # the budget says now: the weights are those of the uninterrupted run
     (tmp_path / "b").mkdir()
     import shutil
-    shutil.copy(tmp_path / "a" / "ckpt-00000020.pt", tmp_path / "b")
+    shutil.copy(tmp_path / "a" / "ckpt-00000030.pt", tmp_path / "b")
     extra["loop.time_budget_s"] = 0.5
     resumed = run_train(star_overrides(tmp_path / "b", vqvae_dir, 100000, **extra))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "step 20" in resumed.stderr and "time budget" not in resumed.stderr
+    assert "step 30" in resumed.stderr and "time budget" not in resumed.stderr
     assert _equal_states(final_state(tmp_path / "a"), final_state(tmp_path / "b"))

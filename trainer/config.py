@@ -78,8 +78,9 @@ class LoopConfig:
     log_every: int = 20
     sample_every: int = 0                  # 0: no periodic samples
     max_nonfinite: int = 20                # stop after this many non-finite losses in a row
-    # > 0: train for as many steps (at most ``steps``) as fit in this many seconds of the loop, the count fixed
-    # once from the speed of the first steps (trainer.loop.BUDGET_TIMED_STEPS) and then kept, resume included.
+    # > 0: train for as many steps (at most ``steps``) as fit in this many seconds of the loop, the count set from
+    # the speed of the first steps, revised once at the next checkpoint (trainer.loop.BUDGET_TIMED_STEPS) and
+    # then kept, resume included.
     time_budget_s: float = 0.0
 
     def validate(self) -> None:

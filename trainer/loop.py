@@ -49,7 +49,10 @@ class NonFiniteLossError(RuntimeError):
 
 # loop.time_budget_s: the mean duration of steps first..last sets the step count (the first steps, which pay for
 # data-loader start-up and first-touch allocations, are left out). Until then the LR schedule is that of the
-# upper bound loop.steps; a warm-up of >= last steps (the shipped configs) makes that irrelevant.
+# upper bound loop.steps; a warm-up of >= last steps (the shipped configs) makes that irrelevant. The first
+# checkpoint after that revises the count once with the mean speed since step ``first`` (which then includes a
+# checkpoint, periodic samples and any drift: on a 2-core CPU the first steps ran 4-20% faster than the mean);
+# from then on the count is final and stored in every checkpoint.
 BUDGET_TIMED_STEPS = (5, 20)
 
 
@@ -108,15 +111,17 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             stage.load_state_dict(ckpt.get("stage", {}))
         step, epoch, batches_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batches_in_epoch"]
         if loop.time_budget_s > 0 and ckpt.get("budget_steps"):
-            loop.steps = ckpt["budget_steps"]  # the step count chosen before the interruption
+            loop.steps = ckpt["budget_steps"]  # the final step count chosen before the interruption
         rngs = ckpt["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch, batches_in_epoch)
     else:
         torch.manual_seed(loop.seed + rank)
     history_path = out_dir / "log.txt"
-    # With a time budget, whether loop.steps is still the upper bound or already the count chosen for the budget.
-    budget_planned = loop.time_budget_s <= 0 or (resumed is not None and bool(resumed[1].get("budget_steps")))
+    # With a time budget, loop.steps is the upper bound while "timing", the first plan while "planned", and the
+    # count the run keeps (resume included) once "final" (BUDGET_TIMED_STEPS).
+    budget_final = loop.time_budget_s <= 0 or (resumed is not None and bool(resumed[1].get("budget_steps")))
+    budget_state, upper_steps = "final" if budget_final else "timing", loop.steps
 
     def write_config():
         if rank == 0:
@@ -152,6 +157,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         writer = SummaryWriter(str(out_dir / "tb"))
 
     def checkpoint():
+        if budget_state == "planned" and step > timed_from[0] + BUDGET_TIMED_STEPS[1] - BUDGET_TIMED_STEPS[0]:
+            plan_budget((time.time() - timed_from[1]) / (step - timed_from[0]))
         rngs = [None] * world
         if world > 1:
             tdist.all_gather_object(rngs, rng_state())
@@ -161,7 +168,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None, "step": step,
                        "epoch": epoch, "batches_in_epoch": batches_in_epoch, "rng": rngs,
-                       "budget_steps": loop.steps if loop.time_budget_s > 0 and budget_planned else None,
+                       "budget_steps": loop.steps if loop.time_budget_s > 0 and budget_state == "final" else None,
                        "config": json.dumps(to_dict(cfg)),
                        "stage": stage.state_dict() if hasattr(stage, "state_dict") else {}}
             path = save_checkpoint(out_dir, step, payload, loop.keep_last)
@@ -169,18 +176,19 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         dist.barrier()
 
     def plan_budget(seconds_per_step: float) -> None:
-        """Fix loop.steps from the measured speed (the slowest rank's, so that all ranks agree)."""
-        nonlocal budget_planned
+        """Set loop.steps from the measured speed (the slowest rank's, so that all ranks agree): the first plan,
+        then its one revision."""
+        nonlocal budget_state
         timing = torch.tensor([seconds_per_step, time.time() - t_start], dtype=torch.float64,
                               device=device if device.type == "cuda" else "cpu")
         if world > 1:
             tdist.all_reduce(timing, op=tdist.ReduceOp.MAX)
-        upper = loop.steps
-        loop.steps = steps_within_budget(loop.time_budget_s, timing[1].item(), step, timing[0].item(), upper)
-        budget_planned = True
+        loop.steps = steps_within_budget(loop.time_budget_s, timing[1].item(), step, timing[0].item(), upper_steps)
+        budget_state = "planned" if budget_state == "timing" else "final"
         bar.total = loop.steps
-        log.info("time budget %.0f s: %.3f s/step after %d steps (%.0f s elapsed) -> %d steps (at most %d)",
-                 loop.time_budget_s, timing[0].item(), step, timing[1].item(), loop.steps, upper)
+        log.info("time budget %.0f s: %.3f s/step after %d steps (%.0f s elapsed) -> %d steps (at most %d; %s)",
+                 loop.time_budget_s, timing[0].item(), step, timing[1].item(), loop.steps, upper_steps,
+                 "first plan" if budget_state == "planned" else "final")
         write_config()
 
     data = batches()
@@ -231,7 +239,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         step += 1
         stage.after_step(step, metrics_sum)
         bar.update(1)
-        if not budget_planned:
+        if budget_state == "timing":
             first, last_timed = BUDGET_TIMED_STEPS
             if timed_from is None and step >= first:
                 timed_from = (step, time.time())
