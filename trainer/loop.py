@@ -121,7 +121,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     # With a time budget, loop.steps is the upper bound while "timing", the first plan while "planned", and the
     # count the run keeps (resume included) once "final" (BUDGET_TIMED_STEPS).
     budget_final = loop.time_budget_s <= 0 or (resumed is not None and bool(resumed[1].get("budget_steps")))
-    budget_state, upper_steps = "final" if budget_final else "timing", loop.steps
+    budget_state = "final" if budget_final else "timing"
+    upper_steps = loop.steps
 
     def write_config():
         if rank == 0:
@@ -157,8 +158,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         writer = SummaryWriter(str(out_dir / "tb"))
 
     def checkpoint():
-        if budget_state == "planned" and step > timed_from[0] + BUDGET_TIMED_STEPS[1] - BUDGET_TIMED_STEPS[0]:
-            plan_budget((time.time() - timed_from[1]) / (step - timed_from[0]))
+        if budget_state == "planned" and step > planned_at:  # the first checkpoint after the first plan
+            plan_budget()
         rngs = [None] * world
         if world > 1:
             tdist.all_gather_object(rngs, rng_state())
@@ -175,16 +176,20 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             log.info("saved %s", path)
         dist.barrier()
 
-    def plan_budget(seconds_per_step: float) -> None:
-        """Set loop.steps from the measured speed (the slowest rank's, so that all ranks agree): the first plan,
-        then its one revision."""
-        nonlocal budget_state
+    def plan_budget() -> None:
+        """Set loop.steps from the mean speed since the timing window opened (the slowest rank's, so that all
+        ranks agree): the first plan, then its one revision."""
+        nonlocal budget_state, planned_at
+        seconds_per_step = (time.time() - timed_from[1]) / (step - timed_from[0])
         timing = torch.tensor([seconds_per_step, time.time() - t_start], dtype=torch.float64,
                               device=device if device.type == "cuda" else "cpu")
         if world > 1:
             tdist.all_reduce(timing, op=tdist.ReduceOp.MAX)
         loop.steps = steps_within_budget(loop.time_budget_s, timing[1].item(), step, timing[0].item(), upper_steps)
-        budget_state = "planned" if budget_state == "timing" else "final"
+        if budget_state == "timing":
+            budget_state, planned_at = "planned", step
+        else:
+            budget_state = "final"
         bar.total = loop.steps
         log.info("time budget %.0f s: %.3f s/step after %d steps (%.0f s elapsed) -> %d steps (at most %d; %s)",
                  loop.time_budget_s, timing[0].item(), step, timing[1].item(), loop.steps, upper_steps,
@@ -194,6 +199,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     data = batches()
     nonfinite_in_row, last = 0, {}
     timed_from = None  # (step, time) where the budget's timing window opened
+    planned_at = None  # step of the first plan
     t_window, images_window, tokens_window = time.time(), 0, 0.0
     bar = tqdm(total=loop.steps, initial=step, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
     trained.train()
@@ -244,7 +250,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             if timed_from is None and step >= first:
                 timed_from = (step, time.time())
             elif timed_from is not None and step - timed_from[0] >= last_timed - first:
-                plan_budget((time.time() - timed_from[1]) / (step - timed_from[0]))
+                plan_budget()
 
         if step % loop.log_every == 0 or step == loop.steps:
             elapsed = time.time() - t_window
