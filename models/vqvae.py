@@ -41,6 +41,8 @@ class VQVAEConfig:
             raise ConfigError(f"ch must be a multiple of 32 (GroupNorm with 32 groups), got {self.ch}")
         if self.num_phis < 1:
             raise ConfigError(f"num_phis must be >= 1, got {self.num_phis}")
+        if self.num_res_blocks < 1:  # the encoder's first res-block of a level is what changes its width
+            raise ConfigError(f"num_res_blocks must be >= 1 (VAR layout), got {self.num_res_blocks}")
 
     @property
     def downsample(self) -> int:

@@ -91,6 +91,15 @@ def test_round_trip_to_json():
     assert to_dict(from_dict(VQVAEConfig, to_dict(VQVAEConfig()))) == to_dict(VQVAEConfig())
 
 
+@pytest.mark.parametrize("data,match", [
+    ({"ch": 48}, "ch must be a multiple of 32"),
+    ({"num_res_blocks": 0}, "num_res_blocks must be >= 1"),  # used to fail deep inside the first forward
+])
+def test_vqvae_config_rejects_layouts_the_model_cannot_build(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(VQVAEConfig, data)
+
+
 def test_missing_file_and_bad_json(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(RunSection, tmp_path / "nope.json")
