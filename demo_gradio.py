@@ -18,6 +18,7 @@ import time
 import gradio as gr
 
 from models.pipeline import StarPipeline, add_pipeline_args
+from utils import cli
 
 TINY_NOTE = ("**Note:** no checkpoint was given, so this demo runs the *embedded tiny model* with random weights: "
              "the images are noise. Start it with `--ckpt DIR` to use a trained pipeline.")
@@ -92,4 +93,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main))

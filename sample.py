@@ -24,7 +24,7 @@ from PIL import Image
 
 from models.pipeline import StarPipeline, add_pipeline_args
 from models.sampler import SCHEDULES
-from utils import dist
+from utils import cli, dist
 
 
 def read_items(args) -> list[dict]:
@@ -144,4 +144,4 @@ def write_grid(out: Path, n_items: int, per_item: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -18,6 +18,7 @@ import time
 
 from tqdm import tqdm
 
+from utils import cli
 from utils.data.pack import (
     OFFICIAL_CAPTION_KEYS,
     PackOptions,
@@ -74,4 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -14,7 +14,7 @@ import torch
 
 from trainer.config import RunConfig
 from trainer.loop import train
-from utils import dist
+from utils import cli, dist
 from utils.config import ConfigError, load_config
 from utils.data.dataset import ImageTransform, LMDBImageTextDataset, ShapesDataset
 
@@ -44,14 +44,10 @@ def build_dataset(cfg: RunConfig, resolution: int):
 
 def main(argv: list[str], required_stage: str | None = None) -> int:
     device = dist.init_distributed(argv)  # consumes the legacy --local-rank argument
-    try:
-        cfg = parse_args(argv[1:])
-        if required_stage is not None and cfg.stage != required_stage:
-            raise ConfigError(f"this entry point trains stage '{required_stage}' but the config says stage "
-                              f"'{cfg.stage}' (use train.py, or set \"stage\": \"{required_stage}\")")
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_args(argv[1:])
+    if required_stage is not None and cfg.stage != required_stage:
+        raise ConfigError(f"this entry point trains stage '{required_stage}' but the config says stage "
+                          f"'{cfg.stage}' (use train.py, or set \"stage\": \"{required_stage}\")")
     torch.manual_seed(cfg.loop.seed)  # same initial weights on every rank
     if cfg.stage == "vqvae":
         from trainer.vqvae_stage import VQVAEStage
@@ -67,4 +63,4 @@ def main(argv: list[str], required_stage: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(cli.run(main, sys.argv))

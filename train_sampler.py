@@ -12,6 +12,7 @@ as train.py (DDP with synchronised gradients, AMP, exact resume, TensorBoard). T
 import sys
 
 import train
+from utils import cli
 
 if __name__ == "__main__":
-    sys.exit(train.main(sys.argv, required_stage="sampler"))
+    sys.exit(cli.run(train.main, sys.argv, "sampler"))

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from models.sampler import SamplerHead, split_official_state_dict
 from models.star import STAR, StarConfig
 from models.vqvae import PATCH_NUMS, VQVAE, VQVAEConfig
+from utils.cli import InputError
 from utils.config import from_dict, to_dict
 
 OFFICIAL_SAMPLE_FROM = 9  # the released sampler heads cover scale indices >= 9
@@ -37,8 +38,8 @@ OFFICIAL_PRESETS: dict[str, dict] = {
 _IGNORED_KEYS = ("lvl_1L", "attn_bias_for_masking")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model it is loaded into."""
+class CheckpointError(InputError, RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
 
 
 def atomic_save(write, path: str | Path) -> None:
@@ -83,7 +84,10 @@ def read_config(directory: str | Path) -> dict:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a star checkpoint directory (no config.json)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
 def load_pretrained_star(directory: str | Path, **config_overrides) -> STAR:
@@ -93,7 +97,7 @@ def load_pretrained_star(directory: str | Path, **config_overrides) -> STAR:
         raise CheckpointError(f"{directory}/config.json has no 'star' section")
     cfg = from_dict(StarConfig, {**cfg_dict["star"], **config_overrides})
     model = STAR(cfg)
-    model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")), strict=True)
+    model.load_state_dict(read_weights(Path(directory) / "model.safetensors"), strict=True)
     return model.eval()
 
 
@@ -103,14 +107,17 @@ def load_pretrained_sampler(directory: str | Path, star_cfg: StarConfig) -> Samp
     if section is None:
         return None
     head = SamplerHead(star_cfg, sample_from=section["sample_from"], num_blocks=section.get("num_blocks", 3))
-    head.load_state_dict(load_file(str(Path(directory) / "sampler.safetensors")), strict=True)
+    head.load_state_dict(read_weights(Path(directory) / "sampler.safetensors"), strict=True)
     return head.eval()
 
 
 def load_pretrained_vqvae(directory: str | Path) -> VQVAE:
-    cfg = from_dict(VQVAEConfig, read_config(directory)["vqvae"])
+    cfg_dict = read_config(directory)
+    if "vqvae" not in cfg_dict:
+        raise CheckpointError(f"{directory}/config.json has no 'vqvae' section (not a VQ-VAE checkpoint)")
+    cfg = from_dict(VQVAEConfig, cfg_dict["vqvae"])
     vae = VQVAE(cfg)
-    vae.load_state_dict(load_file(str(Path(directory) / "vqvae.safetensors")), strict=True)
+    vae.load_state_dict(read_weights(Path(directory) / "vqvae.safetensors"), strict=True)
     return vae.eval()
 
 
@@ -126,20 +133,29 @@ def load_vqvae_for(path: str, patch_nums: tuple[int, ...]) -> VQVAE:
     return vae
 
 
+def read_weights(path: str | Path):
+    """What a ``.safetensors`` or ``.pth`` file holds (``.pth`` with ``weights_only=True``); CheckpointError when
+    the file is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, not a torch file, or one holding arbitrary Python objects
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never done here.
+        reason = (str(e).splitlines() or [""])[0]
+        if "Weights only load failed" in reason:
+            reason = "not a weights-only PyTorch file (corrupt or truncated, or it holds Python objects)"
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {reason}") from None
+
+
 # --- official files ---------------------------------------------------------------------------------------------
 def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The transformer (or VAE) weights of an official ``.pth``: trainer dict or bare state dict, with
     ``module.`` / ``_orig_mod.`` prefixes removed. Loaded with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or not a torch file
-            raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    state = read_weights(path)
     if isinstance(state, dict) and "trainer" in state:
         state = state["trainer"]["var_wo_ddp"]
     if not isinstance(state, dict):

@@ -102,7 +102,8 @@ class StarPipeline:
                 vae = path
         elif path.is_file():
             if preset is None:
-                raise CheckpointError(f"{path} is an official checkpoint: pass preset= (see OFFICIAL_PRESETS)")
+                raise CheckpointError(f"{path} is a file, so an official checkpoint: give its architecture with "
+                                      f"preset= (--preset on the command line), one of {', '.join(OFFICIAL_PRESETS)}")
             star, sampler = load_official_star_and_sampler(path, preset)
         else:
             raise CheckpointError(f"no checkpoint at {path}")

@@ -23,6 +23,7 @@ from metrics.flops import star_generation_flops  # noqa: E402
 from models import build_star, build_vqvae, star_config, vqvae_config  # noqa: E402
 from models.checkpoint import OFFICIAL_SAMPLE_FROM  # noqa: E402
 from models.sampler import SCHEDULES, SamplerHead  # noqa: E402
+from utils import cli  # noqa: E402
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -144,4 +145,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -21,6 +21,7 @@ from metrics.bench import DTYPES, print_report, sync  # noqa: E402
 from models import build_star, star_config  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
+from utils import cli  # noqa: E402
 
 
 def main() -> int:
@@ -80,4 +81,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

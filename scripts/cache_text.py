@@ -18,6 +18,7 @@ from tqdm import tqdm  # noqa: E402
 
 from models.text_cache import CachedTextEncoder  # noqa: E402
 from models.text_encoder import build_text_encoder  # noqa: E402
+from utils import cli  # noqa: E402
 from utils.data.records import Shard, find_shards  # noqa: E402
 
 
@@ -58,4 +59,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from metrics.parity import FLOAT_TOL, IMAGE_TOL_FACTOR, PARTS, run  # noqa: E402
+from utils import cli  # noqa: E402
 
 
 def main() -> int:
@@ -41,4 +42,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -23,6 +23,7 @@ from models.checkpoint import (  # noqa: E402
     save_pretrained,
 )
 from models.vqvae import VQVAEConfig  # noqa: E402
+from utils import cli  # noqa: E402
 
 
 def main() -> int:
@@ -45,4 +46,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -28,7 +28,7 @@ from metrics.clip_score import ClipEmbedder, clip_score  # noqa: E402
 from metrics.cmmd import cmmd  # noqa: E402
 from metrics.fid import InceptionFeatures, feature_stats, frechet_distance  # noqa: E402
 from models.pipeline import StarPipeline, add_pipeline_args  # noqa: E402
-from utils import dist  # noqa: E402
+from utils import cli, dist  # noqa: E402
 
 
 def read_meta(path: Path, per_category: int = 0) -> list[dict]:
@@ -177,4 +177,4 @@ def main(argv=None, pipe: StarPipeline | None = None, extractors: tuple | None =
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

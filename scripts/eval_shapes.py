@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from metrics.shapes_eval import evaluate_pipeline, examples_sheet  # noqa: E402
 from metrics.shapes_judge import format_table, paired_comparison  # noqa: E402
 from models.pipeline import StarPipeline  # noqa: E402
+from utils import cli  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -76,4 +77,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

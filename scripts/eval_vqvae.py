@@ -19,6 +19,7 @@ from metrics.shapes_eval import reference_images  # noqa: E402
 from metrics.shapes_judge import judge, parse_prompt, summarize  # noqa: E402
 from models.checkpoint import load_pretrained_vqvae  # noqa: E402
 from models.vqvae import VQVAE  # noqa: E402
+from utils import cli  # noqa: E402
 from utils.data.shapes import make_sample  # noqa: E402
 
 
@@ -63,4 +64,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

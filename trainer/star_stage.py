@@ -5,13 +5,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from models.checkpoint import (
     adapt_official_state_dict,
     load_vqvae_for,
     read_official_state_dict,
+    read_weights,
     save_pretrained,
 )
 from models.sampler import split_official_state_dict
@@ -27,7 +27,7 @@ def load_init_weights(model: STAR, path: str) -> None:
     """Start from other weights (ours or official; e.g. a lower-resolution run: lvl_embed rows are grown).
     A sampler head in an official file is left out."""
     p = Path(path)
-    state = load_file(str(p / "model.safetensors")) if p.is_dir() else read_official_state_dict(p)
+    state = read_weights(p / "model.safetensors") if p.is_dir() else read_official_state_dict(p)
     state, _ = split_official_state_dict(state)
     model.load_state_dict(adapt_official_state_dict(state, model), strict=True)
 

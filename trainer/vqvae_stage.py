@@ -6,10 +6,9 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from models.checkpoint import read_official_state_dict, save_pretrained
+from models.checkpoint import read_official_state_dict, read_weights, save_pretrained
 from models.vqvae import VQVAE
 from trainer.config import RunConfig
 from trainer.optim import with_ema_weights
@@ -42,7 +41,7 @@ class VQVAEStage:
         self.model = VQVAE(cfg.vqvae)
         if cfg.loop.init_from:  # fine-tune from our checkpoint dir or VAR's .pth (the usage buffer may differ)
             p = Path(cfg.loop.init_from)
-            state = load_file(str(p / "vqvae.safetensors")) if p.is_dir() else read_official_state_dict(p)
+            state = read_weights(p / "vqvae.safetensors") if p.is_dir() else read_official_state_dict(p)
             self.model.load_state_dict(state, strict=True)
         self.perceptual = None
         if self.tcfg.perceptual_weight > 0:

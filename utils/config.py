@@ -16,10 +16,12 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from utils.cli import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config file or override does not fit the config dataclasses."""
 
 

@@ -1,0 +1,60 @@
+"""Entry scripts end on an input error (bad config, unusable checkpoint, missing file) with one line, exit 2."""
+import pytest
+import torch
+
+import sample
+import train
+from models.checkpoint import CheckpointError, read_weights
+from models.pipeline import StarPipeline
+from tests.helpers import REPO
+from utils import cli
+
+CONFIG = REPO / "configs" / "shapes_vqvae.json"
+
+
+def test_run_turns_input_errors_into_one_line_and_exit_2(capsys, monkeypatch):
+    def fails(error):
+        raise error
+    assert cli.run(fails, CheckpointError("no checkpoint at x")) == 2
+    assert capsys.readouterr().err == "error: no checkpoint at x\n"
+    assert cli.run(fails, FileNotFoundError("LMDB directory not found: y")) == 2
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        cli.run(fails, ZeroDivisionError())
+    monkeypatch.setenv("STAR_TRACEBACK", "1")
+    with pytest.raises(CheckpointError):
+        cli.run(fails, CheckpointError("x"))
+    assert cli.run(lambda: None) == 0
+
+
+def test_sample_with_a_missing_checkpoint(tmp_path, capsys):
+    argv = ["--ckpt", str(tmp_path / "missing"), "--prompt", "a red circle", "--out", str(tmp_path / "out")]
+    assert cli.run(sample.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no checkpoint at") and "Traceback" not in err
+
+
+def test_official_file_without_preset_names_the_flag(tmp_path, capsys):
+    path = tmp_path / "star.pth"
+    torch.save({"x": torch.zeros(1)}, path)
+    assert cli.run(sample.main, ["--ckpt", str(path), "--prompt", "a", "--out", str(tmp_path / "out")]) == 2
+    assert "--preset" in capsys.readouterr().err
+
+
+def test_train_config_errors(tmp_path, capsys):
+    assert cli.run(train.main, ["train.py", f"--config={CONFIG}", "--loop.stpes=3"]) == 2
+    assert "Did you mean 'steps'" in capsys.readouterr().err
+    assert cli.run(train.main, ["train.py", f"--config={CONFIG}", "--vqvae.num_res_blocks=0"]) == 2
+    assert "num_res_blocks must be >= 1" in capsys.readouterr().err
+
+
+def test_truncated_or_foreign_weight_files(tmp_path):
+    pipe_dir = StarPipeline.tiny_random().save_pretrained(tmp_path / "pipe")
+    weights = tmp_path / "pipe" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # a copy cut short
+    with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors"):
+        StarPipeline.from_pretrained(pipe_dir)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all\n" * 10)
+    with pytest.raises(CheckpointError, match="cannot read") as info:
+        read_weights(garbage)
+    assert "weights_only=False" not in str(info.value)  # never advise running a file's code
