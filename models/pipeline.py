@@ -36,6 +36,7 @@ from models.sampling import OFFICIAL_GENERATION
 from models.star import STAR
 from models.text_encoder import TextEncoder, build_text_encoder, text_encoder_from_config
 from models.vqvae import VQVAE
+from utils.config import ConfigError
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -45,11 +46,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """fp32 on CPU (no fast half kernels there); the given dtype (default bf16) as autocast dtype on CUDA."""
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+            raise ConfigError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
         dtype = _DTYPES[dtype]
     if device.type != "cuda":
         if dtype not in (None, torch.float32):
-            raise ValueError(f"{dtype} on {device.type}: half precision is for CUDA; this device runs fp32")
+            raise ConfigError(f"{dtype} on {device.type}: half precision is for CUDA; this device runs fp32")
         return torch.float32
     return dtype or torch.bfloat16
 
@@ -68,7 +69,7 @@ class StarPipeline:
         self.device = torch.device(device)
         unknown = set(generation or {}) - set(OFFICIAL_GENERATION)
         if unknown:
-            raise ValueError(f"unknown generation settings {sorted(unknown)}; known: {sorted(OFFICIAL_GENERATION)}")
+            raise ConfigError(f"unknown generation settings {sorted(unknown)}; known: {sorted(OFFICIAL_GENERATION)}")
         self.generation = {**OFFICIAL_GENERATION, **(generation or {})}
         self.dtype = resolve_dtype(dtype, self.device)
         self.star = star.to(self.device).eval()
@@ -77,9 +78,11 @@ class StarPipeline:
         self.sampler = sampler.to(self.device).eval() if sampler is not None else None
         self.text_config = text_config or {}
         if text_encoder.dim != star.cfg.text_dim:
-            raise ValueError(f"text encoder gives {text_encoder.dim}-d features, the model expects {star.cfg.text_dim}")
+            raise CheckpointError(f"text encoder gives {text_encoder.dim}-d features, "
+                                  f"the model expects {star.cfg.text_dim}")
         if tuple(vqvae.cfg.patch_nums) != tuple(star.cfg.patch_nums):
-            raise ValueError(f"VQ-VAE schedule {vqvae.cfg.patch_nums} != transformer schedule {star.cfg.patch_nums}")
+            raise CheckpointError(f"VQ-VAE schedule {vqvae.cfg.patch_nums} != "
+                                  f"transformer schedule {star.cfg.patch_nums}")
 
     # --- loading and saving -----------------------------------------------------------------------------------
     @classmethod

@@ -23,6 +23,7 @@ from torch import nn
 
 from models.sampling import sample_tokens
 from models.star import STAR, Block, StarConfig
+from utils.config import ConfigError
 
 # Submodule/parameter names of the head: an official full state dict splits on these first components.
 HEAD_KEYS = ("pos_start_last", "word_embed_head", "feat_extract_blocks", "head_logits2", "encoder_proj2",
@@ -64,7 +65,7 @@ def schedule_for_scale(name: str | MaskSchedule, scale_index: int) -> MaskSchedu
     if name == "official-1024":
         return MaskSchedule(steps=15 if scale_index > 12 else 8, random_steps=5,
                             backbone_steps=5 if scale_index < 13 else 0)
-    raise ValueError(f"unknown sampler schedule {name!r}; known: {', '.join(SCHEDULES)} (or a MaskSchedule)")
+    raise ConfigError(f"unknown sampler schedule {name!r}; known: {', '.join(SCHEDULES)} (or a MaskSchedule)")
 
 
 def arccos_counts(n: int, steps: int) -> list[int]:
@@ -100,7 +101,7 @@ class SamplerHead(nn.Module):
         super().__init__()
         S = len(cfg.patch_nums)
         if not 0 < sample_from < S:
-            raise ValueError(f"sample_from must be a scale index in 1..{S - 1}, got {sample_from}")
+            raise ConfigError(f"sample_from must be a scale index in 1..{S - 1}, got {sample_from}")
         self.cfg, self.sample_from, self.num_blocks = cfg, sample_from, num_blocks
         C = cfg.width
         # Registration order = official state_dict order.

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.config import ConfigError
+
 # Sampling defaults of the official release (keyword arguments of StarPipeline.__call__). A pipeline directory
 # may record its own in config.json ("generation", written from the training config's star_train.sample_*).
 OFFICIAL_GENERATION = {"cfg": 4.0, "top_k": 900, "top_p": 0.95, "guidance_schedule": "linear"}
@@ -17,7 +19,7 @@ def guidance_weights(schedule: str | list[float], cfg: float, num_scales: int) -
     S = num_scales
     if isinstance(schedule, (list, tuple)):
         if len(schedule) != S:
-            raise ValueError(f"explicit guidance list needs {S} values (one per scale), got {len(schedule)}")
+            raise ConfigError(f"explicit guidance list needs {S} values (one per scale), got {len(schedule)}")
         return [float(t) for t in schedule]
     if schedule == "linear":
         return [cfg * si / (S - 1) if S > 1 else cfg for si in range(S)]
@@ -27,9 +29,9 @@ def guidance_weights(schedule: str | list[float], cfg: float, num_scales: int) -
         try:
             lo, hi = (int(v) for v in schedule.split(":")[1:3])
         except ValueError:
-            raise ValueError(f"guidance window must look like 'window:i:j', got {schedule!r}") from None
+            raise ConfigError(f"guidance window must look like 'window:i:j', got {schedule!r}") from None
         return [float(cfg) if lo <= si <= hi else 0.0 for si in range(S)]
-    raise ValueError(f"unknown guidance schedule {schedule!r}: use 'linear', 'constant', 'window:i:j' or a list")
+    raise ConfigError(f"unknown guidance schedule {schedule!r}: use 'linear', 'constant', 'window:i:j' or a list")
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:

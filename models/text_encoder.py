@@ -22,10 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utils.cli import InputError
+from utils.config import ConfigError
+
 CLIP_VOCAB_SIZE = 49408
 
 
-class TextEncoderError(RuntimeError):
+class TextEncoderError(InputError, RuntimeError):
     """Weights or tokenizer files are missing or unusable."""
 
 
@@ -210,7 +213,7 @@ class T5TextEncoder(TextEncoder):
         if not (path / "config.json").is_file():
             raise TextEncoderError(f"no T5 model at {path} (expected config.json, weights, tokenizer files)")
         if pooling not in ("mean_all", "mean_valid"):
-            raise ValueError(f"pooling must be 'mean_all' (official) or 'mean_valid', got {pooling!r}")
+            raise ConfigError(f"pooling must be 'mean_all' (official) or 'mean_valid', got {pooling!r}")
         super().__init__(f"t5:{_folder_digest(path)}:{max_length}:{pooling}")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = T5EncoderModel.from_pretrained(str(path), local_files_only=True)
@@ -263,7 +266,7 @@ def build_text_encoder(kind: str, path: str | None = None, **kwargs) -> TextEnco
         return TinyTextEncoder(**kwargs)
     if kind == "minilm":
         return MiniLMEncoder(**kwargs)
-    raise ValueError(f"unknown text encoder {kind!r}: use hf-clip, open_clip, t5, tiny or minilm")
+    raise ConfigError(f"unknown text encoder {kind!r}: use hf-clip, open_clip, t5, tiny or minilm")
 
 
 def text_encoder_from_config(text: dict) -> TextEncoder:

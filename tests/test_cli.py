@@ -58,3 +58,9 @@ def test_truncated_or_foreign_weight_files(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read") as info:
         read_weights(garbage)
     assert "weights_only=False" not in str(info.value)  # never advise running a file's code
+
+
+def test_bad_sampling_flag_is_an_input_error(tmp_path, capsys):
+    argv = ["--prompt", "a red circle", "--guidance", "ramp", "--out", str(tmp_path)]  # embedded tiny model
+    assert cli.run(sample.main, argv) == 2
+    assert "unknown guidance schedule 'ramp'" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from trainer.config import RunConfig
 from trainer.optim import EMA, build_optimizer, lr_factor
 from trainer.state import find_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils import dist
-from utils.config import to_dict
+from utils.config import ConfigError, to_dict
 from utils.data.dataset import DistributedResumableSampler
 from utils.logging import get_logger
 
@@ -79,8 +79,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     log = get_logger("star", out_dir / "train.log" if rank == 0 else None)
     per_step = loop.batch_size // (world * optim_cfg.grad_accum)
     if per_step * world * optim_cfg.grad_accum != loop.batch_size:
-        raise ValueError(f"loop.batch_size {loop.batch_size} must be divisible by world size {world} x "
-                         f"grad_accum {optim_cfg.grad_accum}")
+        raise ConfigError(f"loop.batch_size {loop.batch_size} must be divisible by world size {world} x "
+                          f"grad_accum {optim_cfg.grad_accum}")
 
     model = stage.model.to(device)
     trained: nn.Module = model
@@ -134,7 +134,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     sampler = DistributedResumableSampler(len(dataset), rank, world, shuffle=True, seed=loop.seed)
     batches_per_epoch = len(sampler) // per_step
     if batches_per_epoch == 0:
-        raise ValueError(f"data set of {len(dataset)} items is smaller than one batch per rank ({per_step})")
+        raise ConfigError(f"data set of {len(dataset)} items is smaller than one batch per rank ({per_step}): "
+                          "lower loop.batch_size")
 
     def batches():
         """Infinite batches from (epoch, batches_in_epoch) on, in the same order whether or not we resumed."""

@@ -20,7 +20,7 @@ from models.text_cache import CachedTextEncoder
 from models.text_encoder import text_encoder_from_config
 from trainer.config import RunConfig
 from trainer.optim import with_ema_weights
-from utils.config import to_dict
+from utils.config import ConfigError, to_dict
 
 
 def load_init_weights(model: STAR, path: str) -> None:
@@ -74,8 +74,8 @@ class StarStage:
         self.vqvae = load_vqvae_for(cfg.star_train.vqvae, cfg.model.patch_nums).to(device)
         encoder = text_encoder_from_config(to_dict(cfg.text)).to(device)
         if encoder.dim != cfg.model.text_dim:
-            raise ValueError(f"text encoder '{cfg.text.encoder}' gives {encoder.dim}-d features but model.text_dim "
-                             f"is {cfg.model.text_dim}: set --model.text_dim={encoder.dim}")
+            raise ConfigError(f"text encoder '{cfg.text.encoder}' gives {encoder.dim}-d features but model.text_dim "
+                              f"is {cfg.model.text_dim}: set --model.text_dim={encoder.dim}")
         self.text = CachedTextEncoder(encoder, cfg.text.cache_dir) if cfg.text.cache_dir else encoder
         self.resolution = self.vqvae.cfg.image_size
         self.scale_of_token = torch.cat([torch.full((pn * pn,), s) for s, pn in enumerate(cfg.model.patch_nums)])

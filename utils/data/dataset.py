@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from utils.config import ConfigError
 from utils.data.records import Shard, find_shards
 
 log = logging.getLogger("star")
@@ -89,7 +90,7 @@ class LMDBImageTextDataset(_CaptionedDataset):
                     continue
                 self.index.append((si, ri))
         if not self.index:
-            raise ValueError("every record was filtered out (min_side / max_aspect too strict?)")
+            raise ConfigError("every record was filtered out: data.min_side / data.max_aspect too strict?")
         self.skipped = 0
 
     def __len__(self) -> int:
