@@ -1,4 +1,7 @@
 """Entry scripts end on an input error (bad config, unusable checkpoint, missing file) with one line, exit 2."""
+import runpy
+import sys
+
 import pytest
 import torch
 
@@ -64,3 +67,16 @@ def test_bad_sampling_flag_is_an_input_error(tmp_path, capsys):
     argv = ["--prompt", "a red circle", "--guidance", "ramp", "--out", str(tmp_path)]  # embedded tiny model
     assert cli.run(sample.main, argv) == 2
     assert "unknown guidance schedule 'ramp'" in capsys.readouterr().err
+
+
+ENTRY_SCRIPTS = ["train.py", "train_sampler.py", "sample.py", "demo_gradio.py", "test_pack.py",
+                 *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "scripts").glob("*.py"))]
+
+
+@pytest.mark.parametrize("script", ENTRY_SCRIPTS)
+def test_every_entry_script_answers_help(script, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    assert exit_info.value.code in (0, None)
+    assert len(capsys.readouterr().out.splitlines()) >= 3
