@@ -43,7 +43,7 @@ def test_official_file_without_preset_names_the_flag(tmp_path, capsys):
     assert "--preset" in capsys.readouterr().err
 
 
-def test_train_config_errors(tmp_path, capsys):
+def test_train_config_errors(capsys):
     assert cli.run(train.main, ["train.py", f"--config={CONFIG}", "--loop.stpes=3"]) == 2
     assert "Did you mean 'steps'" in capsys.readouterr().err
     assert cli.run(train.main, ["train.py", f"--config={CONFIG}", "--vqvae.num_res_blocks=0"]) == 2
