@@ -33,7 +33,7 @@ def read_items(args) -> list[dict]:
         return [{"prompt": args.prompt}]
     path = Path(args.prompts)
     if not path.is_file():
-        raise SystemExit(f"prompt file not found: {path}")
+        raise FileNotFoundError(f"prompt file not found: {path}")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         items = []
@@ -41,9 +41,9 @@ def read_items(args) -> list[dict]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: invalid JSON ({e})") from None
+                raise cli.InputError(f"{path}:{n}: invalid JSON ({e})") from None
             if not isinstance(item, dict) or "prompt" not in item:
-                raise SystemExit(f"{path}:{n}: each line needs a JSON object with a 'prompt'")
+                raise cli.InputError(f"{path}:{n}: each line needs a JSON object with a 'prompt'")
             items.append(item)
         return items
     return [{"prompt": line.strip()} for line in lines]

@@ -80,3 +80,12 @@ def test_every_entry_script_answers_help(script, monkeypatch, capsys):
         runpy.run_path(str(REPO / script), run_name="__main__")
     assert exit_info.value.code in (0, None)
     assert len(capsys.readouterr().out.splitlines()) >= 3
+
+
+def test_bad_prompt_files_are_input_errors(tmp_path, capsys):
+    bad = tmp_path / "items.jsonl"
+    bad.write_text('{"prompt": "a red circle"}\n{"seed": 3}\n')
+    for prompts, message in ((bad, f"{bad}:2: each line needs a JSON object with a 'prompt'"),
+                             (tmp_path / "missing.txt", "prompt file not found")):
+        assert cli.run(sample.main, ["--prompts", str(prompts), "--out", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
