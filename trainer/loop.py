@@ -120,8 +120,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     history_path = out_dir / "log.txt"
     # With a time budget, loop.steps is the upper bound while "timing", the first plan while "planned", and the
     # count the run keeps (resume included) once "final" (BUDGET_TIMED_STEPS).
-    budget_final = loop.time_budget_s <= 0 or (resumed is not None and bool(resumed[1].get("budget_steps")))
-    budget_state = "final" if budget_final else "timing"
+    budget_state = "final" if loop.time_budget_s <= 0 or (resumed is not None and resumed[1].get("budget_steps")) \
+        else "timing"
     upper_steps = loop.steps
 
     def write_config():
