@@ -176,8 +176,9 @@ def main(argv=None) -> int:
     summary["targets"] = {kind: {"all_correct": with_sampler.get(kind, {}).get("all_correct"), "target": t,
                                  "met": (with_sampler.get(kind, {}).get("all_correct") or 0) >= t}
                           for kind, t in TARGETS.items()}
-    summary["targets"]["time"] = {"seconds": summary["total_seconds"], "target": 1200,
-                                  "met": summary["total_seconds"] <= 1200}
+    if name == "default":  # the 20-minute target is the default run's; --long and --smoke only report their time
+        summary["targets"]["time"] = {"seconds": summary["total_seconds"], "target": 1200,
+                                      "met": summary["total_seconds"] <= 1200}
     summary["files"] = {"pipeline": str(pipeline), "samples_grid": str(out / "samples_grid.png"),
                         "judge": str(out / "judge" / "judge.json"), "tensorboard": [str(out / r / "tb") for r in
                                                                                    ("vqvae", "star", "sampler")]}
