@@ -57,6 +57,8 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path, vqvae_d
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "skipping unreadable checkpoint" in resumed.stderr and "step 3" in resumed.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    # Steps 4-6 were logged before the kill and again after the resume: the history keeps each step once.
+    assert [row["step"] for row in history(tmp_path / "run")] == list(range(1, 10))
 
 
 def test_ddp_two_ranks_match_single_process(tmp_path, vqvae_dir):

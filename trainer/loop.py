@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -118,6 +119,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     else:
         torch.manual_seed(loop.seed + rank)
     history_path = out_dir / "log.txt"
+    if resumed is not None and rank == 0:
+        truncate_history(history_path, step)
     # With a time budget, loop.steps is the upper bound while "timing", the first plan while "planned", and the
     # count the run keeps (resume included) once "final" (BUDGET_TIMED_STEPS).
     budget_state = "final" if loop.time_budget_s <= 0 or (resumed is not None and resumed[1].get("budget_steps")) \
@@ -156,7 +159,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out_dir / "tb"))
+        # On resume, TensorBoard drops the events the interrupted run wrote after its checkpoint.
+        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1 if resumed is not None else None)
 
     def checkpoint():
         if budget_state == "planned" and step > planned_at:  # the first checkpoint after the first plan
@@ -280,6 +284,24 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         writer.close()
     dist.barrier()
     return last
+
+
+def truncate_history(history_path: Path, step: int) -> None:
+    """Before resuming at ``step``: drop the rows the interrupted run logged after its checkpoint (and a line
+    torn by the kill), so that the history and the loss curve hold every step once."""
+    if not history_path.is_file():
+        return
+    kept = []
+    for line in history_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = history_path.with_name(history_path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, history_path)
 
 
 def plot_loss_curve(history_path: Path, png: Path) -> None:
