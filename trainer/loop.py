@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from models.checkpoint import atomic_save
 from trainer.config import RunConfig
 from trainer.optim import EMA, build_optimizer, lr_factor
 from trainer.state import find_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -299,9 +299,7 @@ def truncate_history(history_path: Path, step: int) -> None:
             continue
         if row.get("step", 0) <= step:
             kept.append(line + "\n")
-    tmp = history_path.with_name(history_path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, history_path)
+    atomic_save(lambda tmp: Path(tmp).write_text("".join(kept)), history_path)
 
 
 def plot_loss_curve(history_path: Path, png: Path) -> None:
