@@ -78,9 +78,13 @@ def test_star_loss_decreases_and_logs(tmp_path, vqvae_dir):
     extra = {"loop.ckpt_every": 100, "loop.log_every": 5, "loop.sample_every": 30,
              "star_train.sample_prompts": '["a red circle at the top left"]', "star_train.sample_cfg": 1.5,
              "star_train.sample_top_k": 2, "star_train.sample_guidance": "constant"}
+    # A run killed before its first checkpoint left rows behind (one torn): the new run starts the history over.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.txt").write_text('{"step": 5, "loss": 9.0}\n{"step": 10, "lo')
     res = run_train(star_overrides(tmp_path / "run", vqvae_dir, 30, **extra))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = history(tmp_path / "run")
+    assert [row["step"] for row in rows] == list(range(5, 31, 5))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
     assert {"acc", "loss_scale2", "acc_scale0", "images_per_s", "tokens_per_s", "grad_norm", "lr"} <= set(rows[-1])
     for f in ("loss_curve.png", "config.json", "samples/step_00000030.png", "final/config.json"):

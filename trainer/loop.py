@@ -119,7 +119,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     else:
         torch.manual_seed(loop.seed + rank)
     history_path = out_dir / "log.txt"
-    if resumed is not None and rank == 0:
+    if rank == 0:  # rows after the starting step come from an interrupted run in this directory
         truncate_history(history_path, step)
     # With a time budget, loop.steps is the upper bound while "timing", the first plan while "planned", and the
     # count the run keeps (resume included) once "final" (BUDGET_TIMED_STEPS).
@@ -159,8 +159,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-        # On resume, TensorBoard drops the events the interrupted run wrote after its checkpoint.
-        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1 if resumed is not None else None)
+        # TensorBoard drops the events an interrupted run wrote after the starting step.
+        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1)
 
     def checkpoint():
         if budget_state == "planned" and step > planned_at:  # the first checkpoint after the first plan
@@ -287,8 +287,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
 
 
 def truncate_history(history_path: Path, step: int) -> None:
-    """Before resuming at ``step``: drop the rows the interrupted run logged after its checkpoint (and a line
-    torn by the kill), so that the history and the loss curve hold every step once."""
+    """Before (re)starting at ``step``: drop the rows an interrupted run logged after its checkpoint, or before its
+    first one (and a line torn by the kill), so that the history and the loss curve hold every step once."""
     if not history_path.is_file():
         return
     kept = []
