@@ -286,32 +286,34 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     return last
 
 
+def read_history(history_path: Path) -> list[dict]:
+    """The JSON-lines history's rows; a line torn by a kill is skipped."""
+    rows = []
+    for line in history_path.read_text().splitlines() if history_path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def truncate_history(history_path: Path, step: int) -> None:
     """Before (re)starting at ``step``: drop the rows an interrupted run logged after its checkpoint, or before its
     first one (and a line torn by the kill), so that the history and the loss curve hold every step once."""
     if not history_path.is_file():
         return
-    kept = []
-    for line in history_path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(line + "\n")
-    atomic_save(lambda tmp: Path(tmp).write_text("".join(kept)), history_path)
+    kept = "".join(json.dumps(row) + "\n" for row in read_history(history_path) if row.get("step", 0) <= step)
+    atomic_save(lambda tmp: Path(tmp).write_text(kept), history_path)
 
 
 def plot_loss_curve(history_path: Path, png: Path) -> None:
     """Loss (and accuracy/PSNR if logged) against step, from the JSON-lines history."""
-    if not history_path.is_file():
+    rows = read_history(history_path)
+    if not rows:
         return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
     extra = next((k for k in ("acc", "psnr") if k in rows[-1]), None)
     fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(10 if extra else 5, 3.5), squeeze=False)
     steps = [r["step"] for r in rows]
