@@ -77,7 +77,7 @@ class LoopConfig:
     keep_last: int = 2
     log_every: int = 20
     sample_every: int = 0                  # 0: no periodic samples
-    max_nonfinite: int = 20                # stop after this many non-finite losses in a row
+    max_nonfinite: int = 20                # stop after this many skipped steps in a row (non-finite loss or grad)
     # > 0: train for as many steps (at most ``steps``) as fit in this many seconds of the loop, the count set from
     # the speed of the first steps, revised once at the next checkpoint (trainer.loop.BUDGET_TIMED_STEPS) and
     # then kept, resume included.

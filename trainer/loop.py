@@ -227,21 +227,31 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + v / optim_cfg.grad_accum
             images_window += len(batch["image"]) * world
-        if not math.isfinite(loss_value):
+        # Every rank skips the step if any rank's loss is non-finite: ranks that stepped alone would drift apart
+        # and fall out of step with the others' collectives.
+        bad = "loss" if not dist.all_ranks_agree(math.isfinite(loss_value), device) else None
+        if bad is None:
+            scaler.unscale_(optimizer)
+            params = [p for p in model.parameters() if p.requires_grad]
+            max_norm = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            # A finite loss can still have non-finite gradients; AdamW would write them into every weight. (The
+            # gradients are already averaged over ranks, so all ranks see the same norm. Under fp16 the
+            # GradScaler skips such steps itself and lowers its scale: overflow there is routine.)
+            if loop.precision != "fp16" and not torch.isfinite(grad_norm):
+                bad = "gradient"
+        if bad is not None:
             optimizer.zero_grad(set_to_none=True)
             nonfinite_in_row += 1
             if loop.precision == "fp16":
                 scaler.update(scaler.get_scale() / 2)
-            log.warning("non-finite loss at step %d (%d in a row); step skipped", step, nonfinite_in_row)
+            log.warning("non-finite %s at step %d (%d in a row); step skipped", bad, step, nonfinite_in_row)
             if nonfinite_in_row >= loop.max_nonfinite:
-                raise NonFiniteLossError(f"{nonfinite_in_row} non-finite losses in a row at step {step}; the last "
-                                         f"good checkpoint in {out_dir} is kept. Lower the LR or use fp32/bf16.")
+                raise NonFiniteLossError(f"{nonfinite_in_row} non-finite losses or gradients in a row at step "
+                                         f"{step}; the last good checkpoint in {out_dir} is kept. Lower the LR or "
+                                         "use fp32/bf16.")
             continue
         nonfinite_in_row = 0
-        scaler.unscale_(optimizer)
-        params = [p for p in model.parameters() if p.requires_grad]
-        max_norm = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -84,6 +84,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True only if ``flag`` is true on every rank (one small all-reduce); ``flag`` itself in a single process."""
+    if not (is_initialized() and get_world_size() > 1):
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() == 0
+
+
 def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
