@@ -20,6 +20,9 @@ from utils.data.dataset import ImageTransform, LMDBImageTextDataset, ShapesDatas
 
 
 def parse_args(argv: list[str]) -> RunConfig:
+    if not argv:  # the defaults alone cannot train anything (no data-set-specific settings, no VQ-VAE)
+        raise ConfigError("no config given: pass --config=configs/<run>.json [--section.key=value ...] "
+                          "(--help for more)")
     config_path, overrides = None, []
     for arg in argv:
         if arg.startswith("--config="):

@@ -152,7 +152,6 @@ class StarPipeline:
         hidden, mask, pooled = self.text_encoder.encode(list(prompts) + list(negative))
         return hidden.to(self.device), mask.to(self.device), pooled.to(self.device)
 
-    @torch.no_grad()
     def generation_settings(self, **overrides) -> dict:
         """The sampling settings (cfg, top_k, top_p, guidance_schedule) a call uses: each given one, else this
         pipeline's default (``self.generation``)."""

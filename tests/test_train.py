@@ -121,6 +121,8 @@ def test_vqvae_stage_trains_and_resumes(tmp_path):
 def test_config_errors_are_reported(tmp_path):
     res = run_train(["--stage=star", "--loop.stpes=3"])
     assert res.returncode == 2 and "Did you mean 'steps'" in res.stderr
+    res = run_train([])
+    assert res.returncode == 2 and "no config given: pass --config=" in res.stderr
 
 
 def test_perceptual_loss_from_local_files(tmp_path):
