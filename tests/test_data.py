@@ -110,6 +110,26 @@ def test_corrupt_record_is_skipped_and_counted(photo_folder, tmp_path):
     assert ds.skipped == 1 and item["key"] != "bad"
 
 
+def test_training_logs_the_skipped_records_of_all_ranks_across_resume(tmp_path):
+    from tests.train_helpers import history, run_train
+    from utils.data.pack import shapes_items
+    pack(shapes_items(8, size=16), tmp_path / "data", PackOptions(shard_size=100))
+    env = lmdb.open(str(tmp_path / "data" / "shard-00000"), subdir=True)
+    with env.begin(write=True) as txn:  # records 2 and 3 unreadable: each step (one batch = all 8) meets both
+        for i in (2, 3):
+            txn.put(record_key(i), encode_record({"key": f"bad{i}", "captions": {"caption": "x"}}, b"garbage"))
+    env.close()
+    args = ["--stage=vqvae", "--vqvae.vocab_size=16", "--vqvae.z_channels=8", "--vqvae.ch=32", "--vqvae.ch_mult=[1,2]",
+            "--vqvae.patch_nums=[1,2,4]", "--data.source=lmdb", f"--data.lmdb_dirs=[\"{tmp_path / 'data'}\"]",
+            "--loop.batch_size=8", "--loop.log_every=1", "--loop.ckpt_every=2", f"--loop.out_dir={tmp_path / 'run'}"]
+    first = run_train(args + ["--loop.steps=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "skipping unreadable record 2" in first.stderr
+    second = run_train(args + ["--loop.steps=4"], torchrun=2)  # resumes from step 2; ranks' counts are summed
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [(r["step"], r["skipped_records"]) for r in history(tmp_path / "run")] == [(1, 2), (2, 4), (3, 6), (4, 8)]
+
+
 def test_sampler_gives_disjoint_complete_coverage_for_two_ranks():
     n = 103
     parts = [DistributedResumableSampler(n, rank=r, world=2, seed=3) for r in range(2)]

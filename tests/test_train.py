@@ -118,6 +118,19 @@ def test_vqvae_stage_trains_and_resumes(tmp_path):
     assert _equal_states(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
 
 
+def test_vqvae_ddp_two_ranks_match_single_process(tmp_path):
+    # 3 scales use 3 of the 4 phi convs: the unused one must not stall DDP's gradient reduction.
+    base = ["--stage=vqvae", "--vqvae.vocab_size=32", "--vqvae.z_channels=8", "--vqvae.ch=32", "--vqvae.ch_mult=[1,2]",
+            "--vqvae.patch_nums=[1,2,4]", "--data.shapes_count=64", "--loop.batch_size=8", "--loop.steps=3",
+            "--vqvae_train.restart_dead_every=0", "--loop.ckpt_every=100"]  # restarts draw from rank 0's latents
+    single = run_train(base + [f"--loop.out_dir={tmp_path / 'one'}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_train(base + [f"--loop.out_dir={tmp_path / 'two'}"], torchrun=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
+
+
 def test_config_errors_are_reported(tmp_path):
     res = run_train(["--stage=star", "--loop.stpes=3"])
     assert res.returncode == 2 and "Did you mean 'steps'" in res.stderr

@@ -96,6 +96,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
 
     # --- resume -----------------------------------------------------------------------------------------------
     step, epoch, batches_in_epoch = 0, 0, 0
+    skipped_records = 0  # unreadable records the data set passed over, all ranks (data sets that report them)
     resumed = None
     if loop.resume == "auto":
         resumed = find_resumable(out_dir)
@@ -111,6 +112,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         if hasattr(stage, "load_state_dict"):
             stage.load_state_dict(ckpt.get("stage", {}))
         step, epoch, batches_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batches_in_epoch"]
+        skipped_records = ckpt.get("skipped_records", 0)
         if loop.time_budget_s > 0 and ckpt.get("budget_steps"):
             loop.steps = ckpt["budget_steps"]  # the final step count chosen before the interruption
         rngs = ckpt["rng"]
@@ -162,9 +164,19 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         # TensorBoard drops the events an interrupted run wrote after the starting step.
         writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1)
 
+    def count_skipped_records() -> None:
+        """Add every rank's records skipped since the last call to the total (all ranks call it at the same step)."""
+        nonlocal skipped_records, skipped_pending
+        counts = torch.tensor([skipped_pending], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        if world > 1:
+            tdist.all_reduce(counts)
+        skipped_records, skipped_pending = skipped_records + int(counts.item()), 0
+
     def checkpoint():
         if budget_state == "planned" and step > planned_at:  # the first checkpoint after the first plan
             plan_budget()
+        if reports_skips:
+            count_skipped_records()
         rngs = [None] * world
         if world > 1:
             tdist.all_gather_object(rngs, rng_state())
@@ -174,6 +186,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None, "step": step,
                        "epoch": epoch, "batches_in_epoch": batches_in_epoch, "rng": rngs,
+                       "skipped_records": skipped_records,
                        "budget_steps": loop.steps if loop.time_budget_s > 0 and budget_state == "final" else None,
                        "config": json.dumps(to_dict(cfg)),
                        "stage": stage.state_dict() if hasattr(stage, "state_dict") else {}}
@@ -203,6 +216,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
 
     data = batches()
     nonfinite_in_row, last = 0, {}
+    reports_skips, skipped_pending = False, 0
     timed_from = None  # (step, time) where the budget's timing window opened
     planned_at = None  # step of the first plan
     t_window, images_window, tokens_window = time.time(), 0, 0.0
@@ -227,6 +241,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + v / optim_cfg.grad_accum
             images_window += len(batch["image"]) * world
+            if "skipped" in batch:  # LMDB items say how many unreadable records were passed over to serve them
+                reports_skips, skipped_pending = True, skipped_pending + int(batch["skipped"].sum())
         # Every rank skips the step if any rank's loss is non-finite: ranks that stepped alone would drift apart
         # and fall out of step with the others' collectives.
         bad = "loss" if not dist.all_ranks_agree(math.isfinite(loss_value), device) else None
@@ -273,6 +289,9 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
                     "images_per_s": images_window / max(elapsed, 1e-9), **metrics_sum,
                     **({"tokens_per_s": tokens_window / max(elapsed, 1e-9)} if tokens_window else {}),
                     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+            if reports_skips:
+                count_skipped_records()
+                last["skipped_records"] = skipped_records
             if device.type == "cuda":
                 last["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             t_window, images_window, tokens_window = time.time(), 0, 0.0

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoint import read_official_state_dict, read_weights, save_pretrained
+from models.quant import phi_index_table
 from models.vqvae import VQVAE
 from trainer.config import RunConfig
 from trainer.optim import with_ema_weights
@@ -43,6 +44,12 @@ class VQVAEStage:
             p = Path(cfg.loop.init_from)
             state = read_weights(p / "vqvae.safetensors") if p.is_dir() else read_official_state_dict(p)
             self.model.load_state_dict(state, strict=True)
+        # A short schedule can leave phi convs unused (3 scales use 3 of the 4): freeze those, or DDP would wait
+        # for gradients they never get and fail at the second step.
+        q = self.model.quantize
+        used = set(phi_index_table(q.num_scales, len(q.quant_resi.qresi_ls)))
+        for k, phi in enumerate(q.quant_resi.qresi_ls):
+            phi.requires_grad_(k in used)
         self.perceptual = None
         if self.tcfg.perceptual_weight > 0:
             from trainer.perceptual import PerceptualLoss

@@ -2,7 +2,9 @@
 
 Every random choice of an item (crop, flip, caption field, caption dropout) comes from a generator seeded by
 (seed, epoch, index), so a run resumed mid-epoch sees exactly the same data as an uninterrupted one, with any
-number of DataLoader workers. Items: {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}.
+number of DataLoader workers. Items: {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}, and from
+LMDB also "skipped": 1 if the index's own record was unreadable and the next readable one served instead, else 0
+(the training loop logs the running total as ``skipped_records``).
 """
 from __future__ import annotations
 
@@ -115,7 +117,7 @@ class LMDBImageTextDataset(_CaptionedDataset):
                 continue
             rng = self.rng(i)
             return {"image": self.transform(img, rng), "caption": self.choose_caption(header["captions"], rng),
-                    "key": str(header.get("key", j))}
+                    "key": str(header.get("key", j)), "skipped": int(attempt > 0)}
         raise RuntimeError("no readable record in the data set")
 
 
