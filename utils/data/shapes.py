@@ -143,8 +143,13 @@ def make_sample(index: int, split: str = "train", seed: int = 0, kind: str | Non
     raise RuntimeError("could not draw a sample for this split")  # unreachable with HELD_OUT_PERCENT > 0
 
 
+MIN_RENDER_SIZE = 8  # below this the smallest objects have no pixels
+
+
 def render(sample: ShapesSample, size: int = 64, texture: float = 0.0, seed: int = 0) -> Image.Image:
     """Draw the scene (no anti-aliasing: flat palette colours). ``texture`` adds a faint seeded noise (0..1)."""
+    if size < MIN_RENDER_SIZE:
+        raise ValueError(f"shapes images are drawn at {MIN_RENDER_SIZE} px or more, not {size}")
     bg = np.full((size, size, 3), BACKGROUND, dtype=np.float32)
     if texture > 0:
         noise = np.random.default_rng(seed).normal(0, 6 * texture, (size, size, 1))
