@@ -127,6 +127,7 @@ def test_training_logs_the_skipped_records_of_all_ranks_across_resume(tmp_path):
     assert "skipping unreadable record 2" in first.stderr
     second = run_train(args + ["--loop.steps=4"], torchrun=2)  # resumes from step 2; ranks' counts are summed
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "checkpoint written by 1 rank(s), resuming on 2" in second.stderr
     assert [(r["step"], r["skipped_records"]) for r in history(tmp_path / "run")] == [(1, 2), (2, 4), (3, 6), (4, 8)]
 
 

@@ -133,6 +133,15 @@ def test_vqvae_ddp_two_ranks_match_single_process(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
 
 
+def test_resume_with_another_batch_size_keeps_the_sample_position(tmp_path, vqvae_dir):
+    first = run_train(star_overrides(tmp_path, vqvae_dir, 2, **{"loop.ckpt_every": 2}))  # batch 8: 2 batches in
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(star_overrides(tmp_path, vqvae_dir, 4, **{"loop.batch_size": 4}))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "loop.batch_size 4, the checkpoint's 8: resuming at the same sample of the epoch (batch 4)" in second.stderr
+    assert "at step 2 (epoch 0, batch 4)" in second.stderr
+
+
 def test_config_errors_are_reported(tmp_path):
     res = run_train(["--stage=star", "--loop.stpes=3"])
     assert res.returncode == 2 and "Did you mean 'steps'" in res.stderr

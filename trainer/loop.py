@@ -115,7 +115,16 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         skipped_records = ckpt.get("skipped_records", 0)
         if loop.time_budget_s > 0 and ckpt.get("budget_steps"):
             loop.steps = ckpt["budget_steps"]  # the final step count chosen before the interruption
+        saved_batch = json.loads(ckpt.get("config") or "{}").get("loop", {}).get("batch_size", loop.batch_size)
+        if saved_batch != loop.batch_size:  # the data position is counted in batches: keep it in samples
+            batches_in_epoch = batches_in_epoch * saved_batch // loop.batch_size
+            log.warning("loop.batch_size %d, the checkpoint's %d: resuming at the same sample of the epoch "
+                        "(batch %d); the run is not identical to an uninterrupted one", loop.batch_size,
+                        saved_batch, batches_in_epoch)
         rngs = ckpt["rng"]
+        if len(rngs) != world:
+            log.warning("checkpoint written by %d rank(s), resuming on %d: ranks without a saved RNG state take "
+                        "rank 0's; the run is not identical to an uninterrupted one", len(rngs), world)
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch, batches_in_epoch)
     else:
