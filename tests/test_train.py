@@ -138,8 +138,12 @@ def test_resume_with_another_batch_size_keeps_the_sample_position(tmp_path, vqva
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_train(star_overrides(tmp_path, vqvae_dir, 4, **{"loop.batch_size": 4}))
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "loop.batch_size 4, the checkpoint's 8: resuming at the same sample of the epoch (batch 4)" in second.stderr
+    assert "4 samples per micro-batch over all ranks, the checkpoint's 8" in second.stderr
     assert "at step 2 (epoch 0, batch 4)" in second.stderr
+    # the same global batch in two micro-batches: the position in micro-batches doubles too
+    third = run_train(star_overrides(tmp_path, vqvae_dir, 6, **{"loop.batch_size": 4, "optim.grad_accum": 2}))
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "at step 4 (epoch 0, batch 12)" in third.stderr  # 2 x 8 + 2 x 4 = 24 samples in
 
 
 def test_config_errors_are_reported(tmp_path):

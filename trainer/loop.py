@@ -115,12 +115,16 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         skipped_records = ckpt.get("skipped_records", 0)
         if loop.time_budget_s > 0 and ckpt.get("budget_steps"):
             loop.steps = ckpt["budget_steps"]  # the final step count chosen before the interruption
-        saved_batch = json.loads(ckpt.get("config") or "{}").get("loop", {}).get("batch_size", loop.batch_size)
-        if saved_batch != loop.batch_size:  # the data position is counted in batches: keep it in samples
-            batches_in_epoch = batches_in_epoch * saved_batch // loop.batch_size
-            log.warning("loop.batch_size %d, the checkpoint's %d: resuming at the same sample of the epoch "
-                        "(batch %d); the run is not identical to an uninterrupted one", loop.batch_size,
-                        saved_batch, batches_in_epoch)
+        # The data position counts micro-batches (all ranks together: batch_size / grad_accum samples each).
+        saved = json.loads(ckpt.get("config") or "{}")
+        saved_micro = saved.get("loop", {}).get("batch_size", loop.batch_size) // \
+            saved.get("optim", {}).get("grad_accum", optim_cfg.grad_accum)
+        micro = loop.batch_size // optim_cfg.grad_accum
+        if saved_micro != micro:  # keep the position in samples
+            batches_in_epoch = batches_in_epoch * saved_micro // micro
+            log.warning("%d samples per micro-batch over all ranks, the checkpoint's %d (loop.batch_size / "
+                        "optim.grad_accum): resuming at the same sample of the epoch (batch %d); the run is not "
+                        "identical to an uninterrupted one", micro, saved_micro, batches_in_epoch)
         rngs = ckpt["rng"]
         if len(rngs) != world:
             log.warning("checkpoint written by %d rank(s), resuming on %d: ranks without a saved RNG state take "
