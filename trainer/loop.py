@@ -64,6 +64,15 @@ def steps_within_budget(budget_s: float, elapsed_s: float, step: int, seconds_pe
     return max(step, min(upper, step + int(remaining / seconds_per_step)))
 
 
+def micro_batch_samples(config: RunConfig | dict, default: RunConfig | None = None) -> int:
+    """Samples per micro-batch over all ranks (loop.batch_size / optim.grad_accum) of a run config, or of a
+    checkpoint's config as a dict (a key it lacks is taken from ``default``)."""
+    if isinstance(config, RunConfig):
+        return config.loop.batch_size // config.optim.grad_accum
+    return config.get("loop", {}).get("batch_size", default.loop.batch_size) // \
+        config.get("optim", {}).get("grad_accum", default.optim.grad_accum)
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -115,12 +124,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         skipped_records = ckpt.get("skipped_records", 0)
         if loop.time_budget_s > 0 and ckpt.get("budget_steps"):
             loop.steps = ckpt["budget_steps"]  # the final step count chosen before the interruption
-        # The data position counts micro-batches (all ranks together: batch_size / grad_accum samples each).
-        saved = json.loads(ckpt.get("config") or "{}")
-        saved_micro = saved.get("loop", {}).get("batch_size", loop.batch_size) // \
-            saved.get("optim", {}).get("grad_accum", optim_cfg.grad_accum)
-        micro = loop.batch_size // optim_cfg.grad_accum
-        if saved_micro != micro:  # keep the position in samples
+        saved_micro, micro = micro_batch_samples(json.loads(ckpt.get("config") or "{}"), cfg), micro_batch_samples(cfg)
+        if saved_micro != micro:  # the data position counts micro-batches: keep it in samples instead
             batches_in_epoch = batches_in_epoch * saved_micro // micro
             log.warning("%d samples per micro-batch over all ranks, the checkpoint's %d (loop.batch_size / "
                         "optim.grad_accum): resuming at the same sample of the epoch (batch %d); the run is not "
@@ -254,7 +259,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + v / optim_cfg.grad_accum
             images_window += len(batch["image"]) * world
-            if "skipped" in batch:  # LMDB items say how many unreadable records were passed over to serve them
+            if "skipped" in batch:  # LMDB items say whether their record was unreadable (and the next one served)
                 reports_skips, skipped_pending = True, skipped_pending + int(batch["skipped"].sum())
         # Every rank skips the step if any rank's loss is non-finite: ranks that stepped alone would drift apart
         # and fall out of step with the others' collectives.
