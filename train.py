@@ -17,6 +17,7 @@ from trainer.loop import train
 from utils import cli, dist
 from utils.config import ConfigError, load_config
 from utils.data.dataset import ImageTransform, LMDBImageTextDataset, ShapesDataset
+from utils.data.shapes import MIN_RENDER_SIZE
 
 
 def parse_args(argv: list[str]) -> RunConfig:
@@ -39,6 +40,9 @@ def build_dataset(cfg: RunConfig, resolution: int):
     d = cfg.data
     transform = ImageTransform(resolution, random_crop=d.random_crop, hflip=d.hflip)
     if d.source == "shapes":
+        if resolution < MIN_RENDER_SIZE:  # the VQ-VAE's image size: patch_nums[-1] x 2^(len(ch_mult) - 1)
+            raise ConfigError(f"the shapes data set draws images of {MIN_RENDER_SIZE} px or more; this VQ-VAE's "
+                              f"are {resolution} px")
         return ShapesDataset(d.shapes_count, transform, "train", d.shapes_seed, d.shapes_texture, d.caption_dropout,
                              seed=cfg.loop.seed)
     return LMDBImageTextDataset(d.lmdb_dirs, transform, tuple(d.caption_keys) if d.caption_keys else None,

@@ -101,12 +101,12 @@ def test_vqvae_config_rejects_layouts_the_model_cannot_build(data, match):
 
 
 def test_shapes_data_needs_images_of_at_least_8_px():
+    from train import build_dataset
     from trainer.config import RunConfig
     from utils.data.shapes import make_sample, render
-    small = {"stage": "vqvae", "vqvae": {"ch_mult": [1, 2], "patch_nums": [1, 2]}}  # 2 tokens x 2 = 4 px
     with pytest.raises(ConfigError, match="shapes data set draws images of 8 px or more; this VQ-VAE's are 4 px"):
-        from_dict(RunConfig, small)
-    from_dict(RunConfig, {**small, "vqvae": {"ch_mult": [1, 2], "patch_nums": [1, 2, 4]}})  # 8 px: fine
+        build_dataset(RunConfig(), 4)
+    assert build_dataset(RunConfig(), 8)[0]["image"].shape == (3, 8, 8)
     with pytest.raises(ValueError, match="drawn at 8 px or more, not 4"):  # used to fail inside PIL
         render(make_sample(0, "train"), 4)
 

@@ -7,7 +7,6 @@ from models.sampling import OFFICIAL_GENERATION, guidance_weights
 from models.star import StarConfig
 from models.vqvae import VQVAEConfig
 from utils.config import ConfigError
-from utils.data.shapes import MIN_RENDER_SIZE
 
 
 @dataclass
@@ -190,9 +189,6 @@ class RunConfig:
         if self.stage != "vqvae" and self.star_train.token_cache and (self.data.random_crop > 0 or self.data.hflip):
             raise ConfigError("star_train.token_cache keeps one set of tokens per record, but data.random_crop / "
                               "data.hflip give a different image at every visit: turn one or the other off")
-        if self.data.source == "shapes" and self.resolution < MIN_RENDER_SIZE:
-            raise ConfigError(f"the shapes data set draws images of {MIN_RENDER_SIZE} px or more; this VQ-VAE's are "
-                              f"{self.resolution} px (vqvae.patch_nums[-1] x 2^(len(vqvae.ch_mult) - 1))")
         if self.stage != "vqvae" and tuple(self.model.patch_nums) != tuple(self.vqvae.patch_nums):
             raise ConfigError(f"model.patch_nums {self.model.patch_nums} != vqvae.patch_nums {self.vqvae.patch_nums}")
 
