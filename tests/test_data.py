@@ -111,7 +111,7 @@ def test_corrupt_record_is_skipped_and_counted(photo_folder, tmp_path):
 
 
 def test_training_logs_the_skipped_records_of_all_ranks_across_resume(tmp_path):
-    from tests.train_helpers import history, run_train
+    from tests.train_helpers import history, run_train, vqvae_overrides
     from utils.data.pack import shapes_items
     pack(shapes_items(8, size=16), tmp_path / "data", PackOptions(shard_size=100))
     env = lmdb.open(str(tmp_path / "data" / "shard-00000"), subdir=True)
@@ -119,9 +119,8 @@ def test_training_logs_the_skipped_records_of_all_ranks_across_resume(tmp_path):
         for i in (2, 3):
             txn.put(record_key(i), encode_record({"key": f"bad{i}", "captions": {"caption": "x"}}, b"garbage"))
     env.close()
-    args = ["--stage=vqvae", "--vqvae.vocab_size=16", "--vqvae.z_channels=8", "--vqvae.ch=32", "--vqvae.ch_mult=[1,2]",
-            "--vqvae.patch_nums=[1,2,4]", "--data.source=lmdb", f"--data.lmdb_dirs=[\"{tmp_path / 'data'}\"]",
-            "--loop.batch_size=8", "--loop.log_every=1", "--loop.ckpt_every=2", f"--loop.out_dir={tmp_path / 'run'}"]
+    args = vqvae_overrides(**{"data.source": "lmdb", "data.lmdb_dirs": f"[\"{tmp_path / 'data'}\"]",
+                              "loop.log_every": 1, "loop.ckpt_every": 2, "loop.out_dir": tmp_path / "run"})
     first = run_train(args + ["--loop.steps=2"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "skipping unreadable record 2" in first.stderr

@@ -4,13 +4,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests.train_helpers import make_vqvae_dir, star_overrides
+from tests.train_helpers import make_vqvae_dir, star_overrides, vqvae_overrides
 from train import build_dataset
 from trainer.config import RunConfig
 from utils.config import load_config
-
-VQVAE = ["--stage=vqvae", "--vqvae.vocab_size=32", "--vqvae.z_channels=8", "--vqvae.ch=32", "--vqvae.ch_mult=[1,2]",
-         "--data.shapes_count=16"]
 
 
 @pytest.fixture(scope="module")
@@ -58,4 +55,4 @@ def test_sampler_stage(dirs, sample_from):
 
 @pytest.mark.parametrize("patch_nums", ["[1,2,4]", "[1,2,3,4]", "[1,2,3,4,5,6,7,8]"])  # 3, 4 and 8 scales, 4 phis
 def test_vqvae_stage(patch_nums):
-    assert _unused_parameters(VQVAE + [f"--vqvae.patch_nums={patch_nums}"]) == []
+    assert _unused_parameters(vqvae_overrides(**{"vqvae.patch_nums": patch_nums})) == []

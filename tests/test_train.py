@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from tests.train_helpers import REPO, final_state, history, make_vqvae_dir, run_train, star_overrides
+from tests.train_helpers import REPO, final_state, history, make_vqvae_dir, run_train, star_overrides, vqvae_overrides
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +96,9 @@ def test_star_loss_decreases_and_logs(tmp_path, vqvae_dir):
 
 
 def test_vqvae_stage_trains_and_resumes(tmp_path):
-    base = ["--stage=vqvae", "--vqvae.vocab_size=32", "--vqvae.z_channels=8", "--vqvae.ch=32", "--vqvae.ch_mult=[1,2]",
-            "--vqvae.patch_nums=[1,2,4]", "--data.shapes_count=64", "--loop.batch_size=8", "--optim.lr=2e-3",
-            "--vqvae_train.disc_weight=0.1", "--vqvae_train.disc_start=4",
-            "--optim.weight_decay=0", "--loop.log_every=2", "--vqvae_train.restart_dead_every=4", "--loop.keep_last=3"]
+    base = vqvae_overrides(**{"optim.lr": 2e-3, "vqvae_train.disc_weight": 0.1, "vqvae_train.disc_start": 4,
+                              "optim.weight_decay": 0, "loop.log_every": 2, "vqvae_train.restart_dead_every": 4,
+                              "loop.keep_last": 3})
     full = run_train(base + [f"--loop.out_dir={tmp_path / 'a'}", "--loop.steps=16", "--loop.ckpt_every=8",
                              "--loop.sample_every=16"])
     assert full.returncode == 0, full.stderr[-3000:]
@@ -121,10 +120,9 @@ def test_vqvae_stage_trains_and_resumes(tmp_path):
 def test_vqvae_ddp_two_ranks_match_single_process(tmp_path):
     # 3 scales use 3 of the 4 phi convs: the unused one must not stall DDP's gradient reduction. The discriminator
     # is outside DDP: the test also checks its hand-made all-reduce (through the generator's adversarial loss).
-    base = ["--stage=vqvae", "--vqvae.vocab_size=32", "--vqvae.z_channels=8", "--vqvae.ch=32", "--vqvae.ch_mult=[1,2]",
-            "--vqvae.patch_nums=[1,2,4]", "--data.shapes_count=64", "--loop.batch_size=8", "--loop.steps=3",
-            "--vqvae_train.restart_dead_every=0", "--loop.ckpt_every=100",  # restarts draw from rank 0's latents
-            "--vqvae_train.disc_weight=0.1", "--vqvae_train.disc_start=1"]  # its gradients are all-reduced by hand
+    base = vqvae_overrides(**{"loop.steps": 3, "loop.ckpt_every": 100,
+                              "vqvae_train.restart_dead_every": 0,  # restarts draw from rank 0's latents
+                              "vqvae_train.disc_weight": 0.1, "vqvae_train.disc_start": 1})
     single = run_train(base + [f"--loop.out_dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_train(base + [f"--loop.out_dir={tmp_path / 'two'}"], torchrun=2)

@@ -36,6 +36,14 @@ def star_overrides(out_dir: Path, vqvae_dir: Path, steps: int = 6, **extra) -> l
     return [f"--{k}={v}" for k, v in args.items()]
 
 
+def vqvae_overrides(**extra) -> list[str]:
+    """train.py arguments for a tiny VQ-VAE (8x8 images) on 64 shapes samples; ``extra``: section.key=value."""
+    args = {"stage": "vqvae", "vqvae.vocab_size": 32, "vqvae.z_channels": 8, "vqvae.ch": 32, "vqvae.ch_mult": "[1,2]",
+            "vqvae.patch_nums": "[1,2,4]", "data.shapes_count": 64, "loop.batch_size": 8}
+    args.update(extra)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
 def run_train(args: list[str], torchrun: int = 0, env_extra: dict | None = None, timeout: int = 300,
               script: str = "train.py") -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
