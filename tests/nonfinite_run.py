@@ -3,6 +3,7 @@
 Imported by tests/test_nonfinite.py; also run there under ``torchrun --nproc_per_node=2`` (``main``), where
 only rank 1 sees a non-finite loss.
 """
+import json
 import sys
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def main() -> int:
     stage = ToyStage({3} if rank == 1 else set(), "loss")
     last = run(Path(sys.argv[1]), stage, 6, device, ckpt_every=100)
     weights = torch.cat([p.detach().flatten() for p in stage.model.parameters()])
-    print(f"rank {rank} step {last['step']} calls {stage.calls} weights {weights.tolist()}")
+    result = {"step": last["step"], "calls": stage.calls, "weights": weights.tolist()}
+    (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(result))  # a file each: prints interleave
     dist.destroy()
     return 0
 
