@@ -64,13 +64,9 @@ def steps_within_budget(budget_s: float, elapsed_s: float, step: int, seconds_pe
     return max(step, min(upper, step + int(remaining / seconds_per_step)))
 
 
-def micro_batch_samples(config: RunConfig | dict, default: RunConfig | None = None) -> int:
-    """Samples per micro-batch over all ranks (loop.batch_size / optim.grad_accum) of a run config, or of a
-    checkpoint's config as a dict (a key it lacks is taken from ``default``)."""
-    if isinstance(config, RunConfig):
-        return config.loop.batch_size // config.optim.grad_accum
-    return config.get("loop", {}).get("batch_size", default.loop.batch_size) // \
-        config.get("optim", {}).get("grad_accum", default.optim.grad_accum)
+def micro_batch_samples(config: dict) -> int:
+    """Samples per micro-batch over all ranks of a resolved config (as stored in checkpoints)."""
+    return config["loop"]["batch_size"] // config["optim"]["grad_accum"]
 
 
 def _autocast(device: torch.device, precision: str):
@@ -124,7 +120,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
         skipped_records = ckpt.get("skipped_records", 0)
         if loop.time_budget_s > 0 and ckpt.get("budget_steps"):
             loop.steps = ckpt["budget_steps"]  # the final step count chosen before the interruption
-        saved_micro, micro = micro_batch_samples(json.loads(ckpt.get("config") or "{}"), cfg), micro_batch_samples(cfg)
+        micro = micro_batch_samples(to_dict(cfg))
+        saved_micro = micro_batch_samples(json.loads(ckpt["config"])) if ckpt.get("config") else micro
         if saved_micro != micro:  # the data position counts micro-batches: keep it in samples instead
             batches_in_epoch = batches_in_epoch * saved_micro // micro
             log.warning("%d samples per micro-batch over all ranks, the checkpoint's %d (loop.batch_size / "
@@ -185,7 +182,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     def count_skipped_records() -> None:
         """Add every rank's records skipped since the last call to the total (all ranks call it at the same step)."""
         nonlocal skipped_records, skipped_pending
-        counts = torch.tensor([skipped_pending], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        counts = torch.tensor([skipped_pending], dtype=torch.float64, device=device)
         if world > 1:
             tdist.all_reduce(counts)
         skipped_records, skipped_pending = skipped_records + int(counts.item()), 0
