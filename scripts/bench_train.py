@@ -35,6 +35,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass (star_train.activation_checkpointing)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,6 +44,7 @@ def main() -> int:
     torch.manual_seed(0)
     cfg = star_config(args.size, None if args.size == "star-tiny" else args.resolution)
     model = build_star(cfg).to(device).train()
+    model.set_activation_checkpointing(args.activation_checkpointing)
     trained = torch.compile(model) if args.compile else model
     opt = build_optimizer(model, OptimConfig(fused=device.type == "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -73,7 +76,8 @@ def main() -> int:
     sec = statistics.median(times[1:])
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out = {"size": args.size, "resolution": args.resolution, "batch": B, "dtype": args.dtype, "device": str(device),
-           "threads": torch.get_num_threads(), "compile": args.compile, "repeats": args.repeats,
+           "threads": torch.get_num_threads(), "compile": args.compile,
+           "activation_checkpointing": args.activation_checkpointing, "repeats": args.repeats,
            "seconds_median": sec, "seconds_all": times[1:], "images_per_s": B / sec, "tokens_per_s": B * L / sec,
            "approx_flops_6ND": 6 * params * B * L, "gflops_per_s_6ND": 6 * params * B * L / sec / 1e9}
     print_report(out, device)

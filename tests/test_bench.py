@@ -12,7 +12,8 @@ from tests.helpers import REPO
 
 
 def test_bench_scripts_print_json_with_seconds_median():
-    for script, extra in (("bench_generate.py", ["--top-k", "0", "--top-p", "0"]), ("bench_train.py", [])):
+    for script, extra in (("bench_generate.py", ["--top-k", "0", "--top-p", "0"]), ("bench_train.py", []),
+                          ("bench_train.py", ["--activation-checkpointing"])):
         proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--size", "star-tiny", "--repeats", "1",
                                "--threads", "1", *extra], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr

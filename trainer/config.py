@@ -131,6 +131,9 @@ class StarTrainConfig:
     # Keep each record's VQ-VAE tokens in memory once it is first encoded (2 bytes per token per record, on every
     # rank) instead of re-encoding the image at every step; needs a data set without random crop or flip.
     token_cache: bool = False
+    # Recompute each transformer block in the backward pass instead of keeping its activations
+    # (STAR.set_activation_checkpointing): for large models or resolutions that do not fit otherwise.
+    activation_checkpointing: bool = False
 
     def generation(self) -> dict:
         """The exported pipeline's default sampling settings (keyword arguments of ``StarPipeline.__call__``)."""

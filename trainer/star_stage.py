@@ -71,6 +71,7 @@ class StarStage:
         self.model.init_weights()
         if cfg.loop.init_from:
             load_init_weights(self.model, cfg.loop.init_from)
+        self.model.set_activation_checkpointing(cfg.star_train.activation_checkpointing)
         self.vqvae = load_vqvae_for(cfg.star_train.vqvae, cfg.model.patch_nums).to(device)
         encoder = text_encoder_from_config(to_dict(cfg.text)).to(device)
         if encoder.dim != cfg.model.text_dim:
