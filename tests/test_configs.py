@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models.star import STAR
-from tests.helpers import REPO
+from models.vqvae import VQVAE
+from tests.helpers import REPO, read_manifest
 from trainer.config import RunConfig
 from trainer.star_stage import load_init_weights
 from utils.config import ConfigError, load_config
@@ -25,11 +26,31 @@ def test_config_loads_and_builds(path):
         with pytest.raises(ConfigError, match="needs star_train.vqvae"):
             load_config(RunConfig, path, overrides)
         overrides.append("--star_train.vqvae=checkpoints/vqvae")
+    if data.get("vqvae_train", {}).get("perceptual_weight", 0) > 0:
+        with pytest.raises(ConfigError, match="needs vqvae_train.perceptual_vgg"):
+            load_config(RunConfig, path, overrides)
+        overrides += ["--vqvae_train.perceptual_vgg=weights/vgg16.pth", "--vqvae_train.perceptual_lin=weights/vgg.pth"]
     cfg = load_config(RunConfig, path, overrides)
     assert '"/' not in path.read_text()  # no absolute paths in shipped configs
-    if cfg.stage == "star":
-        with torch.device("meta"):
+    with torch.device("meta"):
+        if cfg.stage == "star":
             STAR(cfg.model)
+        else:
+            VQVAE(cfg.vqvae)
+
+
+def test_tokenizer_recipe_trains_the_released_vqvae_layout(reference_dir):
+    """configs/vqvae_f16_256.json trains a tokenizer with the key layout of VAR's vae_ch160v4096z32.pth (so the
+    paper's STAR configs and official STAR weights can use it) and its 10-scale 256^2 schedule."""
+    cfg = load_config(RunConfig, REPO / "configs" / "vqvae_f16_256.json",
+                      ["--data.lmdb_dirs=d", "--vqvae_train.perceptual_vgg=a", "--vqvae_train.perceptual_lin=b"])
+    with torch.device("meta"):
+        vae = VQVAE(cfg.vqvae)
+    ours = [(k, list(v.shape)) for k, v in vae.state_dict().items()]
+    assert ours == read_manifest(reference_dir / "manifest_vae_ch160v4096z32.txt")
+    star = load_config(RunConfig, REPO / "configs" / "star_d16_256.json",
+                       ["--star_train.vqvae=x", "--data.lmdb_dirs=d"])
+    assert cfg.vqvae == star.vqvae and cfg.resolution == 256
 
 
 def test_paper_d16_config_is_the_official_recipe():
