@@ -9,16 +9,47 @@ text length T, text width D, vocab V, depth d and FFN hidden F:
     head: 2*n*C*V;  start token: 2*D*C per row;  word_embed of scales 1..S-1: 2*n*Cvae*C on B rows
     once per generation: text keys/values 2*T*D*2C per block and row.
 Not counted: the VQ-VAE (its phi convs during generation are < 0.1% at d16; the decoder is timed separately).
-Checked against torch's FlopCounterMode (tests/test_bench.py).
+
+A teacher-forced training step (``star_training_flops``) on n tokens per sample (all L, or those kept by token
+dropping) runs the same layers with c = n (attention is computed densely under the block-causal mask, as SDPA
+does with a mask) on one row per sample, word_embed on the L-1 input tokens and the text keys/values once per
+block and sample. The backward pass costs twice the forward for every matmul whose input needs a gradient and
+once (weight gradient only) for word_embed, encoder_proj and the text key/value projection, whose inputs are
+data. Recomputation by activation checkpointing is not counted (model FLOPs, as in MFU).
+Both formulas are checked against torch's FlopCounterMode (tests/test_bench.py).
 """
 from __future__ import annotations
 
 from models.star import StarConfig
 
 
+def _block_flops(cfg: StarConfig, n: int, context: int, text_len: int) -> int:
+    """One block on n tokens attending to ``context`` tokens and ``text_len`` text tokens (text K/V excluded)."""
+    C, F = cfg.width, round(cfg.width * cfg.mlp_ratio)
+    flops = 2 * n * 4 * C * C + 4 * n * context * C + 2 * n * 2 * C * F
+    if cfg.cross_attn:
+        flops += 2 * n * 2 * C * C + 4 * n * text_len * C
+    return flops
+
+
+def _text_kv_flops(cfg: StarConfig, text_len: int) -> int:
+    """Cross-attention keys and values of one sample's text, all blocks."""
+    return cfg.depth * 2 * text_len * cfg.text_dim * 2 * cfg.width if cfg.cross_attn else 0
+
+
+def star_training_flops(cfg: StarConfig, batch: int, tokens: int | None = None, text_len: int = 77) -> int:
+    """Forward + backward FLOPs of one teacher-forced step on ``batch`` samples of ``tokens`` trained tokens each
+    (default: all ``cfg.seq_len``)."""
+    L = cfg.seq_len
+    n = L if tokens is None else tokens
+    T = text_len if cfg.cross_attn else 0
+    with_input_grad = cfg.depth * _block_flops(cfg, n, n, T) + 2 * n * cfg.width * cfg.vocab_size
+    weight_grad_only = 2 * (L - 1) * cfg.z_channels * cfg.width + 2 * cfg.text_dim * cfg.width + _text_kv_flops(cfg, T)
+    return int(batch * (3 * with_input_grad + 2 * weight_grad_only))
+
+
 def star_generation_flops(cfg: StarConfig, batch: int, text_len: int = 77, guided_scales: int | None = None) -> int:
     C, d, V, D = cfg.width, cfg.depth, cfg.vocab_size, cfg.text_dim
-    F = round(C * cfg.mlp_ratio)
     S = len(cfg.patch_nums)
     guided_scales = S if guided_scales is None else guided_scales
     total, context = 0, 0
@@ -27,12 +58,9 @@ def star_generation_flops(cfg: StarConfig, batch: int, text_len: int = 77, guide
         n = pn * pn
         rows = 2 * batch if si < guided_scales else batch
         context += n
-        block = 2 * n * 4 * C * C + 4 * n * context * C + 2 * n * 2 * C * F
-        if cfg.cross_attn:
-            block += 2 * n * 2 * C * C + 4 * n * T * C
-        total += rows * (d * block + 2 * n * C * V)
+        total += rows * (d * _block_flops(cfg, n, context, T) + 2 * n * C * V)
         if si > 0:
             total += batch * 2 * n * cfg.z_channels * C
-    total += 2 * batch * (2 * D * C + (d * 2 * T * D * 2 * C if cfg.cross_attn else 0))
+    total += 2 * batch * (2 * D * C + _text_kv_flops(cfg, T))
     return int(total)
 

@@ -18,26 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
-from metrics.bench import DTYPES, print_report, sync  # noqa: E402
+from metrics.bench import DTYPES, matmul_gflops, print_report, sync  # noqa: E402
 from metrics.flops import star_generation_flops  # noqa: E402
 from models import build_star, build_vqvae, star_config, vqvae_config  # noqa: E402
 from models.checkpoint import OFFICIAL_SAMPLE_FROM  # noqa: E402
 from models.sampler import SCHEDULES, SamplerHead  # noqa: E402
 from utils import cli  # noqa: E402
-
-
-def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
 def main() -> int:

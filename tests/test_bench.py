@@ -1,12 +1,12 @@
 """The benchmark CLIs keep their JSON contract (numbers are reported, not asserted), and the analytic FLOP
-formula agrees with counting the matmuls of a real generation."""
+formulas agree with counting the matmuls of a real generation and a real training step."""
 import json
 import subprocess
 import sys
 
 import torch
 
-from metrics.flops import star_generation_flops
+from metrics.flops import star_generation_flops, star_training_flops
 from models import build_star, build_vqvae, star_config, vqvae_config
 from tests.helpers import REPO
 
@@ -19,6 +19,7 @@ def test_bench_scripts_print_json_with_seconds_median():
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert out["seconds_median"] > 0 and out["peak_rss_gb"] > 0 and "tokens_per_s" in out
+        assert {"transformer_flops", "flops"} & set(out) and out.get("matmul_gflops_per_s", 0) > 0
 
 
 def test_generation_flop_formula_matches_counted_matmuls():
@@ -37,3 +38,21 @@ def test_generation_flop_formula_matches_counted_matmuls():
     counted = counter.get_total_flops()
     analytic = star_generation_flops(cfg, B, T)
     assert abs(counted - analytic) / counted < 0.002, (counted, analytic)  # the rest: the VQ-VAE's phi convs
+
+
+def test_training_flop_formula_matches_counted_matmuls():
+    """One teacher-forced forward + backward (SDPA on its math backend), with all tokens and with a third of
+    them dropped: the analytic count equals what FlopCounterMode sees."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = star_config("star-tiny")
+    star = build_star(cfg).train()
+    B, T, L = 3, 77, cfg.seq_len
+    inputs = (torch.randn(B, L - 1, cfg.z_channels), torch.randn(B, T, cfg.text_dim),
+              torch.ones(B, T, dtype=torch.long), torch.randn(B, cfg.text_dim))
+    for keep in (None, torch.arange(L) % 3 != 1):
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            logits, _ = star(*inputs, keep=keep)
+            logits.logsumexp(-1).mean().backward()
+        tokens = None if keep is None else int(keep.sum())
+        assert counter.get_total_flops() == star_training_flops(cfg, B, tokens, T)

@@ -1,6 +1,7 @@
 """Token dropping for high-resolution training: nested windows / random subsets, loss over kept tokens only."""
 import torch
 
+from metrics.flops import star_training_flops
 from tests.train_helpers import make_vqvae_dir, star_overrides
 from trainer.config import RunConfig
 from trainer.star_stage import StarStage
@@ -46,6 +47,7 @@ def test_loss_is_averaged_over_kept_tokens_and_early_logits_are_unchanged(tmp_pa
     assert torch.allclose(dropped[:, :5], full[:, :5], atol=1e-6)  # block-causal: early scales see no dropped token
     ce = torch.nn.functional.cross_entropy(dropped.flatten(0, 1), gt[:, keep].flatten())
     assert torch.allclose(loss, ce) and metrics["tokens"] == 2 * 9
+    assert metrics["flops"] == star_training_flops(stage.cfg.model, 2, 9, text[0].shape[1])  # kept tokens only
 
 
 def test_scale_balanced_loss_is_the_mean_of_per_scale_means(tmp_path):

@@ -86,7 +86,8 @@ def test_star_loss_decreases_and_logs(tmp_path, vqvae_dir):
     rows = history(tmp_path / "run")
     assert [row["step"] for row in rows] == list(range(5, 31, 5))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
-    assert {"acc", "loss_scale2", "acc_scale0", "images_per_s", "tokens_per_s", "grad_norm", "lr"} <= set(rows[-1])
+    assert {"acc", "loss_scale2", "acc_scale0", "images_per_s", "tokens_per_s", "tflops_per_s_per_rank", "grad_norm",
+            "lr"} <= set(rows[-1])
     for f in ("loss_curve.png", "config.json", "samples/step_00000030.png", "final/config.json"):
         assert (tmp_path / "run" / f).is_file(), f
     assert list((tmp_path / "run" / "tb").iterdir())

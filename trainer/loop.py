@@ -234,7 +234,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     reports_skips, skipped_pending = False, 0
     timed_from = None  # (step, time) where the budget's timing window opened
     planned_at = None  # step of the first plan
-    t_window, images_window, tokens_window = time.time(), 0, 0.0
+    t_window, images_window, tokens_window, flops_window = time.time(), 0, 0.0, 0.0
     bar = tqdm(total=loop.steps, initial=step, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
     trained.train()
     while step < loop.steps:
@@ -253,6 +253,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
                 scaler.scale(loss / optim_cfg.grad_accum).backward()
             loss_value += loss.item() / optim_cfg.grad_accum
             tokens_window += metrics.pop("tokens", 0.0) * world  # stages that predict tokens report them
+            flops_window += metrics.pop("flops", 0.0)  # this rank's model FLOPs (stages with a formula report them)
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + v / optim_cfg.grad_accum
             images_window += len(batch["image"]) * world
@@ -303,13 +304,14 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             last = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                     "images_per_s": images_window / max(elapsed, 1e-9), **metrics_sum,
                     **({"tokens_per_s": tokens_window / max(elapsed, 1e-9)} if tokens_window else {}),
+                    **({"tflops_per_s_per_rank": flops_window / max(elapsed, 1e-9) / 1e12} if flops_window else {}),
                     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
             if reports_skips:
                 count_skipped_records()
                 last["skipped_records"] = skipped_records
             if device.type == "cuda":
                 last["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            t_window, images_window, tokens_window = time.time(), 0, 0.0
+            t_window, images_window, tokens_window, flops_window = time.time(), 0, 0.0, 0.0
             if rank == 0:
                 with open(history_path, "a") as f:
                     f.write(json.dumps(last) + "\n")

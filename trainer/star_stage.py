@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metrics.flops import star_training_flops
 from models.checkpoint import (
     adapt_official_state_dict,
     load_vqvae_for,
@@ -150,6 +151,7 @@ class StarStage:
                 metrics[f"loss_scale{s}"] = ce[:, sel].mean().item()
                 metrics[f"acc_scale{s}"] = correct[:, sel].mean().item()
             metrics["tokens"] = float(gt.numel())  # trained tokens in this micro-batch (the loop logs tokens/s)
+            metrics["flops"] = float(star_training_flops(self.cfg.model, *gt.shape, hidden.shape[1]))
         return loss, metrics
 
     def after_step(self, step: int, metrics: dict) -> None:
