@@ -27,7 +27,7 @@ def test_config_loads_and_builds(path):
             load_config(RunConfig, path, overrides)
         overrides.append("--star_train.vqvae=checkpoints/vqvae")
     if data.get("vqvae_train", {}).get("perceptual_weight", 0) > 0:
-        with pytest.raises(ConfigError, match="needs vqvae_train.perceptual_vgg"):
+        with pytest.raises(ConfigError, match="needs two local weight files: --vqvae_train.perceptual_vgg="):
             load_config(RunConfig, path, overrides)
         overrides += ["--vqvae_train.perceptual_vgg=weights/vgg16.pth", "--vqvae_train.perceptual_lin=weights/vgg.pth"]
     cfg = load_config(RunConfig, path, overrides)

@@ -108,8 +108,10 @@ class VQVAETrainConfig:
         if self.recon not in ("l1", "l2"):
             raise ConfigError(f"vqvae_train.recon must be l1 or l2, got {self.recon!r}")
         if self.perceptual_weight > 0 and not (self.perceptual_vgg and self.perceptual_lin):
-            raise ConfigError("vqvae_train.perceptual_weight > 0 needs vqvae_train.perceptual_vgg and "
-                              "vqvae_train.perceptual_lin (local weight files)")
+            raise ConfigError("vqvae_train.perceptual_weight > 0 needs two local weight files: "
+                              "--vqvae_train.perceptual_vgg=<torchvision's vgg16-397923af.pth> "
+                              "--vqvae_train.perceptual_lin=<the lpips package's vgg.pth> "
+                              "(or --vqvae_train.perceptual_weight=0)")
 
 
 @dataclass
