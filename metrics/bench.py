@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts (scripts/bench_*.py): dtypes, device sync, the JSON report."""
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -9,6 +10,20 @@ import time
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bench_parser(doc: str, batch: int, cfg: float, cfg_help: str = "guidance scale") -> argparse.ArgumentParser:
+    """The flags every benchmark script shares (model, shape, numerics, device, repetitions, threads)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="star-d16")
+    p.add_argument("--resolution", default="256")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--cfg", type=float, default=cfg, help=cfg_help)
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (the median is reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    return p
 
 
 def sync(device: torch.device) -> None:

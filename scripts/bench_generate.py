@@ -8,7 +8,6 @@ per image, images/s, tokens/s, the transformer / VQ-VAE-decode split, peak RSS (
 analytic FLOP count (metrics/flops.py) and achieved GFLOP/s, next to a large fp32/bf16 matmul timed in the
 same process as the machine's practical peak.
 """
-import argparse
 import statistics
 import sys
 import time
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
-from metrics.bench import DTYPES, matmul_gflops, print_report, sync  # noqa: E402
+from metrics.bench import DTYPES, bench_parser, matmul_gflops, print_report, sync  # noqa: E402
 from metrics.flops import star_generation_flops  # noqa: E402
 from models import build_star, build_vqvae, star_config, vqvae_config  # noqa: E402
 from models.checkpoint import OFFICIAL_SAMPLE_FROM  # noqa: E402
@@ -27,17 +26,9 @@ from utils import cli  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="star-d16")
-    p.add_argument("--resolution", default="256")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--cfg", type=float, default=4.0)
+    p = bench_parser(__doc__, batch=1, cfg=4.0)
     p.add_argument("--top-k", type=int, default=900)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--dtype", default="fp32", choices=DTYPES)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--text-len", type=int, default=77)
     p.add_argument("--legacy-cross-attn", action="store_true", help="official batch-0 cross-attention")

@@ -8,7 +8,6 @@ teacher-forcing maps and text features. Prints one JSON object with ``seconds_me
 FLOP count of the step (metrics/flops.py) and the achieved GFLOP/s next to a large matmul timed in the same
 process.
 """
-import argparse
 import statistics
 import sys
 import time
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from metrics.bench import DTYPES, matmul_gflops, print_report, sync  # noqa: E402
+from metrics.bench import DTYPES, bench_parser, matmul_gflops, print_report, sync  # noqa: E402
 from metrics.flops import star_training_flops  # noqa: E402
 from models import build_star, star_config  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
@@ -28,16 +27,8 @@ from utils import cli  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="star-d16")
-    p.add_argument("--resolution", default="256")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--cfg", type=float, default=0.0, help="unused for training (kept for a uniform CLI)")
-    p.add_argument("--dtype", default="fp32", choices=DTYPES)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--compile", action="store_true")
+    p = bench_parser(__doc__, batch=4, cfg=0.0, cfg_help="unused for training (kept for a uniform CLI)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass (star_train.activation_checkpointing)")
     args = p.parse_args()
