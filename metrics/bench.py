@@ -26,6 +26,14 @@ def bench_parser(doc: str, batch: int, cfg: float, cfg_help: str = "guidance sca
     return p
 
 
+def parse_bench_args(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, torch.device, torch.dtype]:
+    """Parse the command line, apply ``--threads``; returns (args, device, dtype)."""
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, torch.device(args.device), DTYPES[args.dtype]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

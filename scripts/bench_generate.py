@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
-from metrics.bench import DTYPES, bench_parser, matmul_gflops, print_report, sync  # noqa: E402
+from metrics.bench import bench_parser, matmul_gflops, parse_bench_args, print_report, sync  # noqa: E402
 from metrics.flops import star_generation_flops  # noqa: E402
 from models import build_star, build_vqvae, star_config, vqvae_config  # noqa: E402
 from models.checkpoint import OFFICIAL_SAMPLE_FROM  # noqa: E402
@@ -34,10 +34,7 @@ def main() -> int:
     p.add_argument("--legacy-cross-attn", action="store_true", help="official batch-0 cross-attention")
     p.add_argument("--sampler", action="store_true", help="with a (random) sampler head on scales >= 9 (or the last)")
     p.add_argument("--sampler-schedule", default="official-1024", choices=SCHEDULES)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    args, device, dtype = parse_bench_args(p)
 
     torch.manual_seed(0)
     res = None if args.size == "star-tiny" else args.resolution

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from metrics.bench import DTYPES, bench_parser, matmul_gflops, print_report, sync  # noqa: E402
+from metrics.bench import bench_parser, matmul_gflops, parse_bench_args, print_report, sync  # noqa: E402
 from metrics.flops import star_training_flops  # noqa: E402
 from models import build_star, star_config  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
@@ -31,10 +31,7 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass (star_train.activation_checkpointing)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    args, device, dtype = parse_bench_args(p)
     torch.manual_seed(0)
     cfg = star_config(args.size, None if args.size == "star-tiny" else args.resolution)
     model = build_star(cfg).to(device).train()
