@@ -41,13 +41,14 @@ def main() -> int:
     cfg = star_config(args.size, res, legacy_cross_attn_batch0=args.legacy_cross_attn)
     vcfg = vqvae_config("vqvae-tiny" if args.size == "star-tiny" else "vqvae-f16-c160", patch_nums=cfg.patch_nums,
                         vocab_size=cfg.vocab_size, z_channels=cfg.z_channels)
-    star = build_star(cfg).to(device).eval()
-    vae = build_vqvae(vcfg).to(device).eval()
-    head = None
-    if args.sampler:
-        head = SamplerHead(cfg, sample_from=min(OFFICIAL_SAMPLE_FROM, len(cfg.patch_nums) - 1))
-        head.init_weights()
-        head = head.to(device).eval()
+    with device:  # random init on the target device (star-d30 takes ~1 min on a 2-core CPU)
+        star = build_star(cfg).eval()
+        vae = build_vqvae(vcfg).eval()
+        head = None
+        if args.sampler:
+            head = SamplerHead(cfg, sample_from=min(OFFICIAL_SAMPLE_FROM, len(cfg.patch_nums) - 1))
+            head.init_weights()
+            head = head.eval()
     if args.compile:
         for block in star.blocks + (list(head.feat_extract_blocks) if head is not None else []):
             block.compile()

@@ -34,7 +34,8 @@ def main() -> int:
     args, device, dtype = parse_bench_args(p)
     torch.manual_seed(0)
     cfg = star_config(args.size, None if args.size == "star-tiny" else args.resolution)
-    model = build_star(cfg).to(device).train()
+    with device:  # random init on the target device (faster than on the CPU for the large sizes)
+        model = build_star(cfg).train()
     model.set_activation_checkpointing(args.activation_checkpointing)
     trained = torch.compile(model) if args.compile else model
     opt = build_optimizer(model, OptimConfig(fused=device.type == "cuda"))

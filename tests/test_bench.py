@@ -11,15 +11,41 @@ from models import build_star, build_vqvae, star_config, vqvae_config
 from tests.helpers import REPO
 
 
-def test_bench_scripts_print_json_with_seconds_median():
-    for script, extra in (("bench_generate.py", ["--top-k", "0", "--top-p", "0"]), ("bench_train.py", []),
-                          ("bench_train.py", ["--activation-checkpointing"])):
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--size", "star-tiny", "--repeats", "1",
-                               "--threads", "1", *extra], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        out = json.loads(proc.stdout)
-        assert out["seconds_median"] > 0 and out["peak_rss_gb"] > 0 and "tokens_per_s" in out
-        assert {"transformer_flops", "flops"} & set(out) and out.get("matmul_gflops_per_s", 0) > 0
+def test_bench_suite_collects_every_script_json(tmp_path):
+    """The smoke suite runs bench_generate.py (with and without a sampler head) and bench_train.py (with and
+    without activation checkpointing) on star-tiny; each keeps its JSON contract, and the suite gathers them."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_suite.py"), "--suite", "smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "results.json").read_text())
+    names = [e["name"] for e in report["entries"]]
+    assert names == ["gen_tiny", "gen_tiny_sampler", "train_tiny", "train_tiny_ckpt"]
+    for entry in report["entries"]:
+        out = entry["result"]
+        assert entry["status"] == "ok" and out["seconds_median"] > 0 and out["peak_rss_gb"] > 0
+        assert "tokens_per_s" in out and out["matmul_gflops_per_s"] > 0 and out["threads"] == 1
+        assert entry["name"] in proc.stdout  # the Markdown table
+    assert report["entries"][1]["result"]["sampler"] and report["entries"][3]["result"]["activation_checkpointing"]
+
+
+def test_bench_suite_records_failed_and_skipped_entries(tmp_path):
+    """A failing entry (here: parity against an empty reference folder) is recorded with its error and makes the
+    suite exit 1; a missing reference folder skips the parity entry; --only rejects names outside the suite."""
+    script = str(REPO / "scripts" / "bench_suite.py")
+
+    def run(*args):
+        return subprocess.run([sys.executable, script, "--suite", "gpu", "--out", str(tmp_path / "out"), *args],
+                              capture_output=True, text=True, timeout=300)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for ref, status, code in ((empty, "failed", 1), (tmp_path / "missing", "skipped", 0)):
+        proc = run("--only", "parity_cuda", "--reference-dir", str(ref))
+        assert proc.returncode == code, proc.stderr
+        entry = json.loads((tmp_path / "out" / "results.json").read_text())["entries"][0]
+        assert entry["status"] == status and entry["error"] and str(ref) in entry["command"]
+    proc = run("--only", "nope")
+    assert proc.returncode == 2 and "nope" in proc.stderr
 
 
 def test_generation_flop_formula_matches_counted_matmuls():
