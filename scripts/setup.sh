@@ -29,8 +29,8 @@ echo "[setup] installing requirements-dev.txt (torch, torchvision, ... ; a few m
 # pip byte-compiles every installed file on one core (~90 s of ~230 s here); compileall does the same on every
 # core afterwards (~50 s on 2). The .pyc files are needed up front: with PYTHONDONTWRITEBYTECODE set (as on
 # these machines) nothing is cached at import, and every process would pay ~13 s more to import torch & co.
-# compileall exits 1 for the few files that are not valid Python 3 (test fixtures of some packages), which pip's
-# own compilation skips silently too.
+# compileall exits 1 for files written for a newer Python (here torch/testing/_internal/py312_intrinsics.py),
+# which pip's own compilation skips silently too.
 "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check -q --no-compile -r requirements-dev.txt
 "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" > /dev/null || true
 "$VENV/bin/python" -m pip check
