@@ -4,14 +4,16 @@
     python sample.py --ckpt outputs/quickstart/pipeline --prompt "a red circle at the top left" --seed 0
     python sample.py --ckpt DIR --prompts prompts.txt --out samples/ --grid          # one prompt per line
     python sample.py --ckpt DIR --prompts items.jsonl --out samples/                 # {"prompt": .., "seed": ..}
-    torchrun --nproc_per_node=8 sample.py --ckpt DIR --prompts big.jsonl --out samples/   # sharded, resumable
+    torchrun --nproc_per_node=8 sample.py --ckpt DIR --prompts big.jsonl --out samples/ --batch-size 16  # sharded
     python sample.py --ckpt DIR --prompt "a blue square" --edit-image in.png --edit-mask mask.png
     python sample.py --ckpt star.pth --preset star-d30-1024 --vae vae_ch160v4096z32.pth \\
         --text-encoder hf-clip --text-encoder-path /models/clip-vit-h --prompt "..."
 
 Each item i writes OUT/{i:06d}_{k}.png (k < --num-images) and OUT/{i:06d}.json (prompt, seed and every
-setting). Item i is generated with seed (item seed or --seed + i): the same command gives the same images,
-however the items are sharded over ranks. Items whose files exist are skipped, so an interrupted run resumes.
+setting). Item i is generated with seed (item seed or --seed + i) and a random generator of its own: the same
+command gives the same images however the items are sharded over ranks or batched (``--batch-size``; up to
+floating-point rounding, which can differ between batch sizes and flip a rare token). Items whose files exist are
+skipped, so an interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -66,6 +68,8 @@ def parse_args(argv=None):
     gen.add_argument("--sampler-schedule", default="default", choices=SCHEDULES)
     gen.add_argument("--seed", type=int, default=0, help="item i uses seed + i unless its JSONL line has 'seed'")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("--batch-size", type=int, default=1,
+                     help="prompts per forward pass (each keeps its own seed: the images do not depend on it)")
     gen.add_argument("--edit-image", help="in/out-painting: the image to edit (with --edit-mask and --prompt)")
     gen.add_argument("--edit-mask", help="white = regenerate, black = keep")
     out = p.add_argument_group("output")
@@ -77,6 +81,8 @@ def parse_args(argv=None):
         p.error("--edit-image and --edit-mask go together")
     if args.edit_image and args.prompt is None:
         p.error("editing takes one --prompt")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
     return args
 
 
@@ -102,33 +108,32 @@ def main(argv=None) -> int:
     settings = dict(negative_prompt=args.negative_prompt, **sampling,
                     use_sampler=not args.no_sampler and pipe.sampler is not None,
                     sampler_schedule=args.sampler_schedule, num_images=args.num_images)
-    done = 0
-    for i in range(rank, len(items), world):  # rank r takes items r, r+world, ...: no duplicates, no gaps
-        item = items[i]
-        meta_path = out / f"{i:06d}.json"
-        if meta_path.is_file() and not args.overwrite:
-            continue
-        seed = int(item.get("seed", args.seed + i))
-        if args.edit_image:
-            images = pipe.edit(item["prompt"], Image.open(args.edit_image), Image.open(args.edit_mask), seed=seed,
-                               **settings)
-        else:
-            images = pipe(item["prompt"], seed=seed, progress=rank == 0, **settings)
-        files = []
-        for k, image in enumerate(images):
-            files.append(f"{i:06d}_{k}.png")
-            image.save(out / files[-1])
-        meta = {**item, "index": i, "seed": seed, **settings, "files": files, "ckpt": args.ckpt,
-                "edit_image": args.edit_image, "edit_mask": args.edit_mask}
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(meta_path)  # written last: an item counts as done only with all its images on disk
-        done += 1
+    # Rank r takes items r, r+world, ...: no duplicates, no gaps. Items whose metadata exists are done.
+    todo = [i for i in range(rank, len(items), world) if args.overwrite or not (out / f"{i:06d}.json").is_file()]
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start:start + args.batch_size]
+        seeds = [int(items[i].get("seed", args.seed + i)) for i in batch]
+        if args.edit_image:  # one --prompt, so one item
+            images = pipe.edit(items[0]["prompt"], Image.open(args.edit_image), Image.open(args.edit_mask),
+                               seed=seeds[0], **settings)
+        else:  # one generator per item: an item's images are the same whatever else is in the batch
+            images = pipe([items[i]["prompt"] for i in batch], seed=seeds, progress=rank == 0, **settings)
+        for j, (i, seed) in enumerate(zip(batch, seeds)):
+            files = []
+            for k, image in enumerate(images[j * args.num_images:(j + 1) * args.num_images]):
+                files.append(f"{i:06d}_{k}.png")
+                image.save(out / files[-1])
+            meta = {**items[i], "index": i, "seed": seed, **settings, "files": files, "ckpt": args.ckpt,
+                    "edit_image": args.edit_image, "edit_mask": args.edit_mask, "batch_size": args.batch_size}
+            meta_path = out / f"{i:06d}.json"
+            tmp = meta_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(meta, indent=2))
+            tmp.replace(meta_path)  # written last: an item counts as done only with all its images on disk
     dist.barrier()
     if args.grid and rank == 0:
         write_grid(out, len(items), args.num_images)
     # one write per report: ranks share stdout under torchrun
-    sys.stdout.write(json.dumps({"rank": rank, "generated": done, "items": len(items), "out": str(out)}) + "\n")
+    sys.stdout.write(json.dumps({"rank": rank, "generated": len(todo), "items": len(items), "out": str(out)}) + "\n")
     sys.stdout.flush()
     dist.destroy()
     return 0

@@ -158,16 +158,18 @@ class StarPipeline:
         return {**self.generation, **{k: v for k, v in overrides.items() if v is not None}}
 
     def __call__(self, prompts: str | list[str], negative_prompt: str | list[str] = "", cfg: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
                  use_sampler: bool = True, guidance_schedule: str | list[float] | None = None,
                  sampler_schedule: str = "default", num_images: int = 1, return_tokens: bool = False,
                  progress: bool = False, keep_tokens: list[torch.Tensor] | None = None,
                  keep: list[torch.Tensor] | None = None):
         """Images for ``prompts`` (each repeated ``num_images`` times, in order) as a list of PIL images; with
         ``return_tokens`` also the token maps [(N, pn^2)] per scale. One batch, seeded by ``seed`` (None:
-        random). ``negative_prompt`` replaces "" as the unconditional text. Sampling settings left None take
-        the pipeline's defaults (``generation_settings``). ``keep_tokens``/``keep`` (per scale (N, pn^2)):
-        tokens forced where ``keep`` is True (editing; see ``edit``)."""
+        random); a list of seeds, one per prompt, gives each prompt's images their own generator, so that they
+        do not depend on the other prompts of the batch (up to floating-point rounding, which can differ
+        between batch sizes). ``negative_prompt`` replaces "" as the unconditional text. Sampling settings
+        left None take the pipeline's defaults (``generation_settings``). ``keep_tokens``/``keep`` (per scale
+        (N, pn^2)): tokens forced where ``keep`` is True (editing; see ``edit``)."""
         sampling = self.generation_settings(cfg=cfg, top_k=top_k, top_p=top_p, guidance_schedule=guidance_schedule)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p for p in prompts for _ in range(num_images)]
@@ -177,7 +179,12 @@ class StarPipeline:
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
-        generator = torch.Generator(self.device).manual_seed(seed)
+        if not isinstance(seed, (list, tuple)):
+            generator = torch.Generator(self.device).manual_seed(int(seed))
+        elif len(seed) * num_images == len(prompts):
+            generator = [torch.Generator(self.device).manual_seed(int(s)) for s in seed]
+        else:
+            raise ValueError(f"{len(seed)} seeds for {len(prompts) // num_images} prompts: give one seed per prompt")
         text = self.encode_text(prompts, negative)
         bar = None
         if progress:

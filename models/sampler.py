@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.sampling import sample_tokens
+from models.sampling import Generators, draw_per_group, sample_tokens
 from models.star import STAR, Block, StarConfig
 from utils.config import ConfigError
 
@@ -185,7 +185,7 @@ class SamplerHead(nn.Module):
     @torch.no_grad()
     def sample_scale(self, star: STAR, si: int, hidden: torch.Tensor, backbone_logits: torch.Tensor,
                      pooled: torch.Tensor, codebook: torch.Tensor, cfg: float, top_k: int, top_p: float,
-                     schedule: str | MaskSchedule, generator: torch.Generator | None,
+                     schedule: str | MaskSchedule, generator: Generators,
                      position_noise=None, step_callback=None, known: tuple | None = None) -> torch.Tensor:
         """Fill scale ``si`` of B images: hidden (R, n, C) backbone hidden states (R = 2B with the unconditional
         rows, else B), backbone_logits (B, n, V) already guided, pooled (R, Dt). Head logits are guided with
@@ -230,8 +230,9 @@ class SamplerHead(nn.Module):
         return chosen
 
 
-def uniform_noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=device)
+def uniform_noise(shape, generator: Generators, device) -> torch.Tensor:
+    return draw_per_group(generator, shape[0],
+                          lambda g, a, b: torch.rand((b - a, *shape[1:]), generator=g, device=device))
 
 
 def split_official_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -1,6 +1,8 @@
 """Token sampling and classifier-free-guidance schedules. All randomness comes from the given generator."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from utils.config import ConfigError
@@ -34,6 +36,24 @@ def guidance_weights(schedule: str | list[float], cfg: float, num_scales: int) -
     raise ConfigError(f"unknown guidance schedule {schedule!r}: use 'linear', 'constant', 'window:i:j' or a list")
 
 
+# One generator for the whole batch (the official way), or one per equal group of consecutive rows (the images of
+# one prompt): then an image's random numbers do not depend on what else is in the batch.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_per_group(generator: Generators, rows: int,
+                   draw: Callable[[torch.Generator | None, int, int], torch.Tensor]) -> torch.Tensor:
+    """``draw(g, begin, end)`` returns random values for rows begin..end-1. One generator (or None) draws all
+    rows in one call; a list of G generators draws rows i*rows/G .. (i+1)*rows/G - 1 with generator i, so a
+    group drawn in a batch gets the same numbers as when it is the whole batch."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return draw(generator, 0, rows)
+    if not generator or rows % len(generator):
+        raise ValueError(f"{len(generator)} generators for {rows} rows: give one per equal group of rows")
+    n = rows // len(generator)
+    return torch.cat([draw(g, i * n, (i + 1) * n) for i, g in enumerate(generator)])
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """Mask logits (..., V) outside the top-k (ties kept) and then outside the nucleus top-p; returns a copy.
 
@@ -54,14 +74,16 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
 
 
 def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                  generator: torch.Generator | None = None, return_prob: bool = False):
+                  generator: Generators = None, return_prob: bool = False):
     """Sample one token per position from (B, l, V) logits: (B, l) indices (and their probabilities).
 
-    One ``torch.multinomial`` call over all B*l rows, consuming the generator exactly as the official code.
+    One ``torch.multinomial`` call over all B*l rows per generator, consuming a single generator exactly as the
+    official code.
     """
     B, n, V = logits.shape
-    probs = filter_top_k_top_p(logits, top_k, top_p).softmax(dim=-1).view(-1, V)
-    idx = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, n)
+    probs = filter_top_k_top_p(logits, top_k, top_p).softmax(dim=-1)
+    idx = draw_per_group(generator, B, lambda g, a, b: torch.multinomial(
+        probs[a:b].reshape(-1, V), num_samples=1, replacement=True, generator=g).view(b - a, n))
     if return_prob:
-        return idx, probs.gather(-1, idx.view(-1, 1)).view(B, n)
+        return idx, probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
     return idx

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.attention import CrossAttention, KVCache, SelfAttention
 from models.rope import rope_angles
-from models.sampling import guidance_weights, sample_tokens
+from models.sampling import Generators, draw_per_group, guidance_weights, sample_tokens
 from models.vqvae import VQVAE
 from utils.config import ConfigError
 
@@ -245,7 +245,7 @@ class STAR(nn.Module):
     @torch.no_grad()
     def generate(self, vqvae: VQVAE, text_hidden: torch.Tensor, text_mask: torch.Tensor, text_pooled: torch.Tensor,
                  cfg: float = 4.0, guidance: str | list[float] = "linear", top_k: int = 0, top_p: float = 0.0,
-                 gumbel_smooth: bool = False, generator: torch.Generator | None = None,
+                 gumbel_smooth: bool = False, generator: Generators = None,
                  sampler=None, sampler_schedule="default", sampler_cfg: float | None = None,
                  sampler_noise=None, sampler_step_callback=None, keep_tokens=None, keep=None,
                  return_tokens: bool = False, return_logits: bool = False, scale_callback=None):
@@ -254,7 +254,8 @@ class STAR(nn.Module):
         Text tensors have 2B rows: rows 0..B-1 the prompts, rows B..2B-1 the unconditional ("" or negative)
         prompt. Guidance at scale s: logits = (1+t_s) cond - t_s uncond with t_s from ``guidance_weights``.
         Returns images (B, 3, H, W) in [0, 1]; with ``return_tokens`` also the token maps [(B, pn^2)], with
-        ``return_logits`` also the guided logits per scale (of the backbone).
+        ``return_logits`` also the guided logits per scale (of the backbone). ``generator``: one for the batch
+        (as official), or a list of G generators, generator i drawing for images i*B/G .. (i+1)*B/G - 1 only.
 
         ``sampler``: a ``SamplerHead``; scales from its ``sample_from`` on are filled by masked refinement
         (``sampler_schedule``: a name of ``models.sampler.SCHEDULES`` or a ``MaskSchedule``), its logits
@@ -341,6 +342,7 @@ class STAR(nn.Module):
         return out[0] if len(out) == 1 else out
 
 
-def _gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None) -> torch.Tensor:
-    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
+def _gumbel_softmax(logits: torch.Tensor, tau: float, generator: Generators) -> torch.Tensor:
+    gumbels = -draw_per_group(generator, logits.shape[0],
+                              lambda g, a, b: torch.empty_like(logits[a:b]).exponential_(generator=g)).log()
     return ((logits + gumbels) / tau).softmax(-1)

@@ -45,16 +45,16 @@ def read_meta(path: Path, per_category: int = 0) -> list[dict]:
 
 
 def generate(pipe: StarPipeline, items: list[dict], gen_dir: Path, args) -> int:
-    """This rank's share (items r, r+world, ...) in batches seeded by --seed + index of their first item;
-    skips images already on disk."""
+    """This rank's share (items r, r+world, ...) in batches; item i is drawn with its own generator seeded by
+    --seed + i, so neither the batch size nor a resumed run changes an image. Skips images already on disk."""
     rank, world = dist.get_rank(), dist.get_world_size()
     todo = [(i, it) for i, it in enumerate(items) if i % world == rank
             and not (gen_dir / it["category"] / f"{it['name']}.png").is_file()]
     for start in range(0, len(todo), args.batch_size):
-        batch = [it for _, it in todo[start:start + args.batch_size]]
+        indices, batch = zip(*todo[start:start + args.batch_size])
         images = pipe([it["prompt"] for it in batch], cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                      seed=args.seed + todo[start][0], use_sampler=not args.no_sampler and pipe.sampler is not None,
-                      sampler_schedule=args.sampler_schedule)
+                      seed=[args.seed + i for i in indices], sampler_schedule=args.sampler_schedule,
+                      use_sampler=not args.no_sampler and pipe.sampler is not None)
         for it, image in zip(batch, images):
             path = gen_dir / it["category"] / f"{it['name']}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
