@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         batch = todo[start:start + args.batch_size]
         seeds = [int(items[i].get("seed", args.seed + i)) for i in batch]
         if args.edit_image:  # one --prompt, so one item
-            images = pipe.edit(items[0]["prompt"], Image.open(args.edit_image), Image.open(args.edit_mask),
+            images = pipe.edit(items[batch[0]]["prompt"], Image.open(args.edit_image), Image.open(args.edit_mask),
                                seed=seeds[0], **settings)
         else:  # one generator per item: an item's images are the same whatever else is in the batch
             images = pipe([items[i]["prompt"] for i in batch], seed=seeds, progress=rank == 0, **settings)

@@ -104,11 +104,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"suite": args.suite, "python": platform.python_version(), "host": platform.node(), "entries": []}
     for name, script, script_args in entries:
-        if script == "check_parity.py":
+        parity = script == "check_parity.py"  # compares with golden tensors: needs the reference folder
+        if parity:
             script_args = ["--reference-dir", str(args.reference_dir), *script_args]
         entry = {"name": name, "command": f"python scripts/{script} {' '.join(script_args)}"}
         print(f"[bench_suite] {name}: {entry['command']}", file=sys.stderr, flush=True)
-        if script == "check_parity.py" and not args.reference_dir.is_dir():
+        if parity and not args.reference_dir.is_dir():
             entry.update(status="skipped", error=f"no reference data at {args.reference_dir} (--reference-dir)")
         else:
             entry.update(run_entry(script, script_args, args.timeout))
