@@ -8,7 +8,9 @@ text length T, text width D, vocab V, depth d and FFN hidden F:
                FFN 2*n*2*C*F
     head: 2*n*C*V;  start token: 2*D*C per row;  word_embed of scales 1..S-1: 2*n*Cvae*C on B rows
     once per generation: text keys/values 2*T*D*2C per block and row.
-Not counted: the VQ-VAE (its phi convs during generation are < 0.1% at d16; the decoder is timed separately).
+Not counted there: the VQ-VAE (its phi convs during generation are < 0.1% at d16); the decoder that turns f_hat
+into the image is ``vqvae_decode_flops``: every convolution 2*k*k*Cin*Cout per output pixel, the attention blocks
+of the lowest level 2*HW*(3C*C + C*C) + 2*2*HW*HW*C.
 
 A teacher-forced training step (``star_training_flops``) on n tokens per sample (all L, or those kept by token
 dropping) runs the same layers with c = n (attention is computed densely under the block-causal mask, as SDPA
@@ -16,11 +18,12 @@ does with a mask) on one row per sample, word_embed on the L-1 input tokens and 
 block and sample. The backward pass costs twice the forward for every matmul whose input needs a gradient and
 once (weight gradient only) for word_embed, encoder_proj and the text key/value projection, whose inputs are
 data. Recomputation by activation checkpointing is not counted (model FLOPs, as in MFU).
-Both formulas are checked against torch's FlopCounterMode (tests/test_bench.py).
+All three formulas are checked against torch's FlopCounterMode (tests/test_bench.py).
 """
 from __future__ import annotations
 
 from models.star import StarConfig
+from models.vqvae import VQVAEConfig
 
 
 def _block_flops(cfg: StarConfig, n: int, context: int, text_len: int) -> int:
@@ -64,3 +67,31 @@ def star_generation_flops(cfg: StarConfig, batch: int, text_len: int = 77, guide
     total += 2 * batch * (2 * D * C + _text_kv_flops(cfg, T))
     return int(total)
 
+
+
+def vqvae_decode_flops(cfg: VQVAEConfig, batch: int) -> int:
+    """``VQVAE.fhat_to_img`` on ``batch`` latents of the last scale's side (post_quant_conv + decoder)."""
+    def conv(c_in: int, c_out: int, k: int, side: int) -> int:
+        return 2 * k * k * c_in * c_out * side * side
+
+    def res_block(c_in: int, c_out: int, side: int) -> int:
+        shortcut = conv(c_in, c_out, 1, side) if c_in != c_out else 0
+        return conv(c_in, c_out, 3, side) + conv(c_out, c_out, 3, side) + shortcut
+
+    def attn_block(c: int, side: int) -> int:
+        hw = side * side
+        return conv(c, 3 * c, 1, side) + conv(c, c, 1, side) + 4 * hw * hw * c
+
+    widths = [cfg.ch * m for m in cfg.ch_mult]
+    side, c = cfg.patch_nums[-1], widths[-1]
+    total = conv(cfg.z_channels, cfg.z_channels, 3, side) + conv(cfg.z_channels, c, 3, side)
+    total += 2 * res_block(c, c, side) + attn_block(c, side)  # the mid block
+    for level in reversed(range(len(widths))):  # lowest resolution first, as the decoder runs
+        width = widths[level]
+        for _ in range(cfg.num_res_blocks + 1):
+            total += res_block(c, width, side) + (attn_block(width, side) if level == len(widths) - 1 else 0)
+            c = width
+        if level:
+            side *= 2
+            total += conv(width, width, 3, side)  # Upsample2x: nearest, then a 3x3 conv at the new size
+    return batch * (total + conv(c, 3, 3, side))

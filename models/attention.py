@@ -2,7 +2,7 @@
 
 Parameter names follow the official checkpoints (``mat_qkv``, ``mat_q``, ``mat_kv``, ``q_bias``, ``v_bias``,
 the zero ``zero_k_bias`` buffer, ``scale_mul_1H11``, ``proj``). All attention goes through
-``F.scaled_dot_product_attention`` (``attention``).
+``F.scaled_dot_product_attention`` (``attention``); projections through ``models.linear``.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.linear import Linear, linear
 from models.rope import apply_rope
 
 _MAX_SCALE_LOG = math.log(100.0)
@@ -82,15 +83,15 @@ class KVCache:
 class SelfAttention(_QKNorm):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__(dim, num_heads, qk_norm)
-        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
+        self.mat_qkv = Linear(dim, 3 * dim, bias=False)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, L, C); rope = (cos, sin) of these L positions; attn_mask bool (L, Lk), True = attend."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -106,15 +107,15 @@ class CrossAttention(_QKNorm):
 
     def __init__(self, dim: int, text_dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__(dim, num_heads, qk_norm)
-        self.mat_kv = nn.Linear(text_dim, 2 * dim, bias=False)
-        self.mat_q = nn.Linear(dim, dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
+        self.mat_kv = Linear(text_dim, 2 * dim, bias=False)
+        self.mat_q = Linear(dim, dim, bias=False)
+        self.proj = Linear(dim, dim)
 
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised keys, values), each (B, H, Lt, hd): computed once per generation."""
         B, Lt, _ = text.shape
         bias = torch.cat((self.zero_k_bias, self.v_bias))
-        kv = F.linear(text, self.mat_kv.weight, bias).view(B, Lt, 2, self.num_heads, self.head_dim)
+        kv = linear(text, self.mat_kv.weight, bias).view(B, Lt, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         return self.normalize_k(k), v
 
@@ -122,6 +123,6 @@ class CrossAttention(_QKNorm):
                 text_bias: torch.Tensor | None) -> torch.Tensor:
         """x (B, L, C); text_bias additive (B, 1, 1, Lt): 0 for valid tokens, -inf for padding."""
         B, L, C = x.shape
-        q = F.linear(x, self.mat_q.weight, self.q_bias).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        q = linear(x, self.mat_q.weight, self.q_bias).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         out = attention(self.normalize_q(q), *text_kv, text_bias, self.softmax_scale)
         return self.proj(self.merge_heads(out))

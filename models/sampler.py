@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.linear import Linear
 from models.sampling import Generators, draw_per_group, sample_tokens
 from models.star import STAR, Block, StarConfig
 from utils.config import ConfigError
@@ -106,13 +107,13 @@ class SamplerHead(nn.Module):
         C = cfg.width
         # Registration order = official state_dict order.
         self.pos_start_last = nn.Parameter(torch.zeros(1, 1, C))
-        self.word_embed_head = nn.Linear(cfg.z_channels, C)
+        self.word_embed_head = Linear(cfg.z_channels, C)
         # Drop-path rates of backbone blocks 0, 1, 2 (official), capped at the last block's for shallow backbones.
         dpr = [cfg.drop_path_rate * min(i, cfg.depth - 1) / max(cfg.depth - 1, 1) for i in range(num_blocks)]
         self.feat_extract_blocks = nn.ModuleList([Block(cfg, dpr[i], with_cross=False) for i in range(num_blocks)])
-        self.head_logits2 = nn.Linear(C, cfg.vocab_size)
-        self.encoder_proj2 = nn.Linear(cfg.text_dim, C)
-        self.head_proj = nn.Linear(2 * C, C)
+        self.head_logits2 = Linear(C, cfg.vocab_size)
+        self.encoder_proj2 = Linear(cfg.text_dim, C)
+        self.head_proj = Linear(2 * C, C)
         self.lvl_embed_2 = nn.Embedding(S, C)
         self.norm = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False) if cfg.head_norm else nn.Identity()
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import CrossAttention, KVCache, SelfAttention
+from models.linear import Linear
 from models.rope import rope_angles
 from models.sampling import Generators, draw_per_group, guidance_weights, sample_tokens
 from models.vqvae import VQVAE
@@ -95,8 +96,8 @@ class DropPath(nn.Module):
 class FFN(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -137,7 +138,7 @@ class STAR(nn.Module):
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
         if not cfg.rope:
             self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))
-        self.word_embed = nn.Linear(cfg.z_channels, C)
+        self.word_embed = Linear(cfg.z_channels, C)
         self.class_emb = nn.Embedding(1001, C) if cfg.legacy_class_emb else None  # unused; kept for loading
         if self.class_emb is not None:
             self.class_emb.weight.requires_grad_(False)  # never in the graph: no optimizer state, no DDP error
@@ -145,8 +146,8 @@ class STAR(nn.Module):
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linspace(0, rate, depth)
         self.blocks = nn.ModuleList([Block(cfg, dpr[i], cfg.cross_attn) for i in range(cfg.depth)])
         self.head_norm = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False) if cfg.head_norm else nn.Identity()
-        self.head_logits = nn.Linear(C, cfg.vocab_size)
-        self.encoder_proj = nn.Linear(cfg.text_dim, C)
+        self.head_logits = Linear(C, cfg.vocab_size)
+        self.encoder_proj = Linear(cfg.text_dim, C)
 
         # Constants as non-persistent buffers, so .to(device) moves them and checkpoints stay official-shaped.
         begins = [0]

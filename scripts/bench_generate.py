@@ -5,8 +5,9 @@
 
 Reports the median over ``--repeats`` timed runs after one warm-up: seconds per batch (``seconds_median``),
 per image, images/s, tokens/s, the transformer / VQ-VAE-decode split, peak RSS (and peak CUDA memory), the
-analytic FLOP count (metrics/flops.py) and achieved GFLOP/s, next to a large fp32/bf16 matmul timed in the
-same process as the machine's practical peak.
+analytic FLOP counts of both parts (metrics/flops.py) and their achieved fraction of a large fp32/bf16 matmul
+timed in the same process (the machine's practical peak), and ``seconds_at_matmul_peak``: the time every
+counted FLOP would take at that peak.
 """
 import statistics
 import sys
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from metrics.bench import bench_parser, matmul_gflops, parse_bench_args, print_report, sync  # noqa: E402
-from metrics.flops import star_generation_flops  # noqa: E402
+from metrics.flops import star_generation_flops, vqvae_decode_flops  # noqa: E402
 from models import build_star, build_vqvae, star_config, vqvae_config  # noqa: E402
 from models.checkpoint import OFFICIAL_SAMPLE_FROM  # noqa: E402
 from models.sampler import SCHEDULES, SamplerHead  # noqa: E402
@@ -96,6 +97,7 @@ def main() -> int:
     sec = statistics.median(times)
     dec = statistics.median(decode)
     flops = star_generation_flops(cfg, B, T)
+    decode_flops = vqvae_decode_flops(vcfg, B)
     peak = matmul_gflops(device, dtype)
     out = {
         "size": args.size, "resolution": args.resolution, "patch_nums": list(cfg.patch_nums), "batch": B,
@@ -109,9 +111,14 @@ def main() -> int:
         "scale_seconds_median": per_scale, "transformer_flops": flops,
         "transformer_gflops_per_s": flops / (sec - dec) / 1e9, "matmul_gflops_per_s": peak,
         "transformer_fraction_of_matmul_peak": flops / (sec - dec) / 1e9 / peak,
+        "vqvae_decode_flops": decode_flops, "vqvae_decode_fraction_of_matmul_peak": decode_flops / dec / 1e9 / peak,
+        # The time the whole generation would take if every counted FLOP ran at the matmul rate: a floor for
+        # any implementation that computes the same thing in this dtype.
+        "seconds_at_matmul_peak": (flops + decode_flops) / 1e9 / peak,
     }
     if args.sampler:  # the analytic formula covers the backbone only: the rates would be misleading
-        for key in ("transformer_flops", "transformer_gflops_per_s", "transformer_fraction_of_matmul_peak"):
+        for key in ("transformer_flops", "transformer_gflops_per_s", "transformer_fraction_of_matmul_peak",
+                    "seconds_at_matmul_peak"):
             out[key] = None
         out["flops_note"] = "FLOP count not computed with the sampler head (backbone-only formula)"
 

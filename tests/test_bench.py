@@ -6,8 +6,9 @@ import sys
 
 import torch
 
-from metrics.flops import star_generation_flops, star_training_flops
+from metrics.flops import star_generation_flops, star_training_flops, vqvae_decode_flops
 from models import build_star, build_vqvae, star_config, vqvae_config
+from models import linear as linear_module
 from tests.helpers import REPO
 
 
@@ -26,6 +27,8 @@ def test_bench_suite_collects_every_script_json(tmp_path):
         assert "tokens_per_s" in out and out["matmul_gflops_per_s"] > 0 and out["threads"] == 1
         assert entry["name"] in proc.stdout  # the Markdown table
     assert report["entries"][1]["result"]["sampler"] and report["entries"][3]["result"]["activation_checkpointing"]
+    generation = report["entries"][0]["result"]
+    assert generation["vqvae_decode_flops"] > 0 and generation["seconds_at_matmul_peak"] > 0
 
 
 def test_bench_suite_records_failed_and_skipped_entries(tmp_path):
@@ -48,9 +51,11 @@ def test_bench_suite_records_failed_and_skipped_entries(tmp_path):
     assert proc.returncode == 2 and "nope" in proc.stderr
 
 
-def test_generation_flop_formula_matches_counted_matmuls():
+def test_generation_flop_formula_matches_counted_matmuls(monkeypatch):
     """torch's FlopCounterMode over one guided generation (VQ-VAE decode excluded). SDPA runs on its math
-    backend, so attention appears as matmuls the counter sees (the fused CPU kernel is not counted)."""
+    backend and linear layers on F.linear, so both appear as matmuls the counter sees (it counts neither the
+    fused CPU attention kernel nor oneDNN's inner product, which models.linear uses for few rows)."""
+    monkeypatch.setattr(linear_module, "_HAVE_ONEDNN", False)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     cfg = star_config("star-tiny")
@@ -64,6 +69,20 @@ def test_generation_flop_formula_matches_counted_matmuls():
     counted = counter.get_total_flops()
     analytic = star_generation_flops(cfg, B, T)
     assert abs(counted - analytic) / counted < 0.002, (counted, analytic)  # the rest: the VQ-VAE's phi convs
+
+
+def test_decode_flop_formula_matches_counted_convolutions():
+    """The decoder formula against FlopCounterMode: the tiny reference VAE, the shapes tokenizer's layout (one
+    res-block per level) and VAR's layout on a 4x4 latent (64^2 image), at batch 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+    for cfg in (vqvae_config("vqvae-tiny"),
+                vqvae_config("vqvae-tiny", ch_mult=(1, 1, 2, 4), num_res_blocks=1, patch_nums=(1, 2, 4, 8)),
+                vqvae_config("vqvae-f16-c160", patch_nums=(1, 2, 4))):
+        vae = build_vqvae(cfg).eval()
+        f_hat = torch.randn(2, cfg.z_channels, cfg.patch_nums[-1], cfg.patch_nums[-1])
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            vae.fhat_to_img(f_hat)
+        assert counter.get_total_flops() == vqvae_decode_flops(cfg, 2), cfg
 
 
 def test_training_flop_formula_matches_counted_matmuls():
