@@ -5,15 +5,18 @@
     python sample.py --ckpt DIR --prompts prompts.txt --out samples/ --grid          # one prompt per line
     python sample.py --ckpt DIR --prompts items.jsonl --out samples/                 # {"prompt": .., "seed": ..}
     torchrun --nproc_per_node=8 sample.py --ckpt DIR --prompts big.jsonl --out samples/ --batch-size 16  # sharded
+    python sample.py --ckpt DIR --prompts evaluation_metadata.jsonl --layout geneval --num-images 4 --out geneval/
     python sample.py --ckpt DIR --prompt "a blue square" --edit-image in.png --edit-mask mask.png
     python sample.py --ckpt star.pth --preset star-d30-1024 --vae vae_ch160v4096z32.pth \\
         --text-encoder hf-clip --text-encoder-path /models/clip-vit-h --prompt "..."
 
 Each item i writes OUT/{i:06d}_{k}.png (k < --num-images) and OUT/{i:06d}.json (prompt, seed and every
-setting). Item i is generated with seed (item seed or --seed + i) and a random generator of its own: the same
-command gives the same images however the items are sharded over ranks or batched (``--batch-size``; up to
-floating-point rounding, which can differ between batch sizes and flip a rare token). Items whose files exist are
-skipped, so an interrupted run resumes.
+setting). ``--layout geneval`` writes GenEval's folder layout instead, for its ``evaluate_images.py``:
+OUT/{i:05d}/metadata.jsonl (the item's line of GenEval's evaluation_metadata.jsonl),
+OUT/{i:05d}/samples/{k:04d}.png and OUT/{i:05d}/item.json (ours: seed and settings). Item i is generated with
+seed (item seed or --seed + i) and a random generator of its own: the same command gives the same images however
+the items are sharded over ranks or batched (``--batch-size``; up to floating-point rounding, which can differ
+between batch sizes and flip a rare token). Items whose files exist are skipped, so an interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -27,6 +30,15 @@ from PIL import Image
 from models.pipeline import StarPipeline, add_pipeline_args
 from models.sampler import SCHEDULES
 from utils import cli, dist
+
+LAYOUTS = ("flat", "geneval")
+
+
+def item_files(layout: str, i: int, num_images: int) -> tuple[str, list[str]]:
+    """(the item's JSON, written last: it marks the item done; its images), relative to --out."""
+    if layout == "geneval":
+        return f"{i:05d}/item.json", [f"{i:05d}/samples/{k:04d}.png" for k in range(num_images)]
+    return f"{i:06d}.json", [f"{i:06d}_{k}.png" for k in range(num_images)]
 
 
 def read_items(args) -> list[dict]:
@@ -74,6 +86,8 @@ def parse_args(argv=None):
     gen.add_argument("--edit-mask", help="white = regenerate, black = keep")
     out = p.add_argument_group("output")
     out.add_argument("--out", default="samples")
+    out.add_argument("--layout", default="flat", choices=LAYOUTS,
+                     help="flat: OUT/{i:06d}_{k}.png; geneval: OUT/{i:05d}/samples/{k:04d}.png + metadata.jsonl")
     out.add_argument("--grid", action="store_true", help="also write grid.png of all images (rank 0)")
     out.add_argument("--overwrite", action="store_true", help="regenerate items whose files exist")
     args = p.parse_args(argv)
@@ -109,7 +123,8 @@ def main(argv=None) -> int:
                     use_sampler=not args.no_sampler and pipe.sampler is not None,
                     sampler_schedule=args.sampler_schedule, num_images=args.num_images)
     # Rank r takes items r, r+world, ...: no duplicates, no gaps. Items whose metadata exists are done.
-    todo = [i for i in range(rank, len(items), world) if args.overwrite or not (out / f"{i:06d}.json").is_file()]
+    todo = [i for i in range(rank, len(items), world)
+            if args.overwrite or not (out / item_files(args.layout, i, args.num_images)[0]).is_file()]
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         seeds = [int(items[i].get("seed", args.seed + i)) for i in batch]
@@ -119,19 +134,21 @@ def main(argv=None) -> int:
         else:  # one generator per item: an item's images are the same whatever else is in the batch
             images = pipe([items[i]["prompt"] for i in batch], seed=seeds, progress=rank == 0, **settings)
         for j, (i, seed) in enumerate(zip(batch, seeds)):
-            files = []
-            for k, image in enumerate(images[j * args.num_images:(j + 1) * args.num_images]):
-                files.append(f"{i:06d}_{k}.png")
-                image.save(out / files[-1])
+            meta_file, files = item_files(args.layout, i, args.num_images)
+            for name, image in zip(files, images[j * args.num_images:(j + 1) * args.num_images]):
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                image.save(out / name)
+            if args.layout == "geneval":  # what evaluate_images.py reads: the item's own metadata, one object
+                (out / meta_file).with_name("metadata.jsonl").write_text(json.dumps(items[i]))
             meta = {**items[i], "index": i, "seed": seed, **settings, "files": files, "ckpt": args.ckpt,
                     "edit_image": args.edit_image, "edit_mask": args.edit_mask, "batch_size": args.batch_size}
-            meta_path = out / f"{i:06d}.json"
+            meta_path = out / meta_file
             tmp = meta_path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(meta, indent=2))
             tmp.replace(meta_path)  # written last: an item counts as done only with all its images on disk
     dist.barrier()
     if args.grid and rank == 0:
-        write_grid(out, len(items), args.num_images)
+        write_grid(out, [f for i in range(len(items)) for f in item_files(args.layout, i, args.num_images)[1]])
     # one write per report: ranks share stdout under torchrun
     sys.stdout.write(json.dumps({"rank": rank, "generated": len(todo), "items": len(items), "out": str(out)}) + "\n")
     sys.stdout.flush()
@@ -139,11 +156,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_grid(out: Path, n_items: int, per_item: int) -> None:
+def write_grid(out: Path, files: list[str]) -> None:
     from torchvision.transforms.functional import pil_to_tensor
     from torchvision.utils import make_grid, save_image
-    files = [out / f"{i:06d}_{k}.png" for i in range(n_items) for k in range(per_item)]
-    tensors = [pil_to_tensor(Image.open(f).convert("RGB")).float() / 255 for f in files if f.is_file()]
+    paths = [out / f for f in files]
+    tensors = [pil_to_tensor(Image.open(f).convert("RGB")).float() / 255 for f in paths if f.is_file()]
     if tensors:
         save_image(make_grid(tensors, nrow=min(8, len(tensors))), out / "grid.png")
 

@@ -1,6 +1,7 @@
 """StarPipeline, sample.py: save/load round trip, seeding, editing, prompt files, sharded resumable sampling."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -148,6 +149,35 @@ def test_sample_py_prompt_file_metadata_and_resume(pipe, tmp_path):
     ours = np.asarray(pipe(meta["prompt"], seed=meta["seed"], **settings)[0]).astype(int)
     # Same tokens; the decoder's last bits depend on the thread count (the subprocess runs 1 thread).
     assert np.abs(ours - np.asarray(Image.open(tmp_path / "o" / "000001_0.png"))).max() <= 2
+    again = run_sample(args)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["generated"] == 0  # resumed: nothing left to do
+
+
+def test_sample_py_geneval_layout(pipe, tmp_path):
+    """--layout geneval: the folders GenEval's evaluate_images.py walks (numbered item folders, each with its
+    metadata as one JSON object and samples/NNNN.png), holding the same images as the flat layout."""
+    pipe.save_pretrained(tmp_path / "p")
+    metadata = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"},
+                {"tag": "colors", "include": [{"class": "square", "count": 1, "color": "red"}],
+                 "prompt": "a photo of a red square"}]
+    (tmp_path / "evaluation_metadata.jsonl").write_text("\n".join(json.dumps(m) for m in metadata))
+    common = ["--ckpt", str(tmp_path / "p"), "--prompts", str(tmp_path / "evaluation_metadata.jsonl"),
+              "--num-images", "2", "--seed", "42"]
+    args = common + ["--layout", "geneval", "--out", str(tmp_path / "g")]
+    proc = run_sample(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_sample(common + ["--out", str(tmp_path / "flat")]).returncode == 0
+    folders = sorted(d.name for d in (tmp_path / "g").iterdir() if d.is_dir() and d.name.isdigit())
+    assert folders == ["00000", "00001"]
+    for i, folder in enumerate(folders):
+        assert json.loads((tmp_path / "g" / folder / "metadata.jsonl").read_text()) == metadata[i]
+        sample_dir = tmp_path / "g" / folder / "samples"
+        samples = sorted(f.name for f in sample_dir.iterdir() if re.match(r"\d+\.png", f.name))
+        assert samples == ["0000.png", "0001.png"]
+        assert json.loads((tmp_path / "g" / folder / "item.json").read_text())["seed"] == 42 + i
+        for k, name in enumerate(samples):
+            ours = np.asarray(Image.open(sample_dir / name))
+            assert np.array_equal(ours, np.asarray(Image.open(tmp_path / "flat" / f"{i:06d}_{k}.png")))
     again = run_sample(args)
     assert json.loads(again.stdout.strip().splitlines()[-1])["generated"] == 0  # resumed: nothing left to do
 
