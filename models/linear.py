@@ -10,7 +10,9 @@ sgemm is as fast or faster (fc2, 512 rows: 149 vs 117), so larger inputs keep ``
 256² generation: scales 0-6 3.15 -> 2.39 s, the transformer 8.98 -> 8.24 s (docs/benchmarks.md).
 
 Used only where it cannot change training: CPU tensors, fp32 weights and inputs, autograd off (generation runs
-under ``no_grad``), no autocast; everywhere else, and in a PyTorch built without oneDNN, this is ``F.linear``.
+under ``no_grad``), no autocast, not inside ``torch.compile`` (whose CPU backend chooses its own kernels, and
+lowers this op only for constant weights); everywhere else, and in a PyTorch built without oneDNN, this is
+``F.linear``.
 Results differ from ``F.linear`` in the last bits (another summation order).
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)``: x (..., in) -> (..., out)."""
     if (_HAVE_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and x.numel() <= _ONEDNN_MAX_ROWS * x.shape[-1]):
+            and x.numel() <= _ONEDNN_MAX_ROWS * x.shape[-1] and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

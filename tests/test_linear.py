@@ -52,3 +52,14 @@ def test_linear_module_is_an_nn_linear_with_the_same_state_dict():
     x = torch.randn(5, 16)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_under_torch_compile():
+    """Inside torch.compile the CPU backend picks its own kernel (it cannot lower oneDNN's op for weights that are
+    not graph constants): the compiled module runs and agrees with eager."""
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    compiled = torch.compile(layer)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
