@@ -12,8 +12,7 @@ sgemm is as fast or faster (fc2, 512 rows: 149 vs 117), so larger inputs keep ``
 Used only where it cannot change training: CPU tensors, fp32 weights and inputs, autograd off (generation runs
 under ``no_grad``), no autocast, not inside ``torch.compile`` (whose CPU backend chooses its own kernels, and
 lowers this op only for constant weights); everywhere else, and in a PyTorch built without oneDNN, this is
-``F.linear``.
-Results differ from ``F.linear`` in the last bits (another summation order).
+``F.linear``. Results differ from ``F.linear`` in the last bits (another summation order).
 """
 from __future__ import annotations
 
