@@ -68,7 +68,6 @@ def star_generation_flops(cfg: StarConfig, batch: int, text_len: int = 77, guide
     return int(total)
 
 
-
 def vqvae_decode_flops(cfg: VQVAEConfig, batch: int) -> int:
     """``VQVAE.fhat_to_img`` on ``batch`` latents of the last scale's side (post_quant_conv + decoder)."""
     def conv(c_in: int, c_out: int, k: int, side: int) -> int:
