@@ -7,7 +7,8 @@ PyTorch's own compiler emits for CPU linear layers) on the same plain weights do
 2-core AVX2 machine, 2 threads, 16 different weights of each star-d16 shape (qkv, proj, fc1, fc2), GFLOP/s,
 sgemm -> oneDNN: 8 rows 20-29 -> 38-44; 72 rows 67-101 -> 93-102; 128 rows 81-121 -> 86-117; from 200 rows on
 sgemm is as fast or faster (fc2, 512 rows: 149 vs 117), so larger inputs keep ``F.linear``. A whole star-d16
-256² generation: scales 0-6 3.15 -> 2.39 s, the transformer 8.98 -> 8.24 s (docs/benchmarks.md).
+256² generation: scales 0-6 3.15 -> 2.39 s, the transformer 8.98 -> 8.24 s (docs/benchmarks.md). The 128-row
+limit was measured on that machine only.
 
 Used only where it cannot change training: CPU tensors, fp32 weights and inputs, autograd off (generation runs
 under ``no_grad``), no autocast, not inside ``torch.compile`` (whose CPU backend chooses its own kernels, and
