@@ -41,7 +41,7 @@ def sync(device: torch.device) -> None:
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """GFLOP/s of the fastest of ``repeats`` n^3 matmuls: the machine's practical peak, timed in the benchmark's
     own process. The fastest, not the median: on a shared machine the rate of the same matmul varied from 95 to
-    159 GFLOP/s within minutes, and a peak should be what the machine can reach."""
+    175 GFLOP/s within minutes, and a peak should be what the machine can reach."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
