@@ -10,7 +10,9 @@ text length T, text width D, vocab V, depth d and FFN hidden F:
     once per generation: text keys/values 2*T*D*2C per block and row.
 Not counted there: the VQ-VAE (its phi convs during generation are < 0.1% at d16); the decoder that turns f_hat
 into the image is ``vqvae_decode_flops``: every convolution 2*k*k*Cin*Cout per output pixel, the attention blocks
-of the lowest level 2*HW*(3C*C + C*C) + 2*2*HW*HW*C.
+of the lowest level 2*HW*(3C*C + C*C) + 2*2*HW*HW*C. That counts direct convolution; the Winograd convolutions
+that CPU inference uses for wide maps (models/conv.py) need fewer multiplications for the same result, so a
+decode can run at a higher "rate" than a matmul.
 
 A teacher-forced training step (``star_training_flops``) on n tokens per sample (all L, or those kept by token
 dropping) runs the same layers with c = n (attention is computed densely under the block-causal mask, as SDPA

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.conv import Conv2d
 from models.quant import MultiScaleQuantizer
 from utils.config import ConfigError
 
@@ -62,9 +63,9 @@ class ResnetBlock(nn.Module):
         super().__init__()
         # Registration order = official state_dict order.
         self.norm1, self.norm2 = _norm(c_in), _norm(c_out)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.conv1 = Conv2d(c_in, c_out, 3, 1, 1)  # Conv2d: Winograd for wide maps in CPU inference
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.conv2 = Conv2d(c_out, c_out, 3, 1, 1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +105,7 @@ class Downsample2x(nn.Module):
 class Upsample2x(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.conv = Conv2d(channels, channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -215,7 +216,8 @@ class VQVAE(nn.Module):
         h = self.post_quant_conv(f_hat.float())
         if h.device.type == "cpu":
             # oneDNN's channels-last convolutions are ~12% faster here for the 256^2 decoder (weights stay NCHW;
-            # results differ from NCHW in the last bits only).
+            # results differ from NCHW in the last bits only). The Winograd ones (models/conv.py) convert to NCHW;
+            # the whole decode takes the same time either way then.
             h = h.contiguous(memory_format=torch.channels_last)
         return self.decoder(h).clamp_(-1, 1)
 

@@ -7,7 +7,8 @@ Reports the median over ``--repeats`` timed runs after one warm-up: seconds per 
 per image, images/s, tokens/s, the transformer / VQ-VAE-decode split, peak RSS (and peak CUDA memory), the
 analytic FLOP counts of both parts (metrics/flops.py) and their achieved fraction of a large fp32/bf16 matmul
 timed in the same process (the machine's practical peak), and ``seconds_at_matmul_peak``: the time every
-counted FLOP would take at that peak.
+counted FLOP would take at that peak. The decode's count is direct convolution's: with the Winograd
+convolutions of CPU inference (models/conv.py) its fraction of the peak can exceed 1.
 """
 import statistics
 import sys
@@ -113,7 +114,7 @@ def main() -> int:
         "transformer_fraction_of_matmul_peak": flops / (sec - dec) / 1e9 / peak,
         "vqvae_decode_flops": decode_flops, "vqvae_decode_fraction_of_matmul_peak": decode_flops / dec / 1e9 / peak,
         # The time the whole generation would take if every counted FLOP ran at the matmul rate: a floor for
-        # any implementation that computes the same thing in this dtype.
+        # any implementation that computes the same thing in this dtype with matmuls and direct convolutions.
         "seconds_at_matmul_peak": (flops + decode_flops) / 1e9 / peak,
     }
     if args.sampler:  # the analytic formula covers the backbone only: the rates would be misleading

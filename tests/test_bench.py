@@ -8,6 +8,7 @@ import torch
 
 from metrics.flops import star_generation_flops, star_training_flops, vqvae_decode_flops
 from models import build_star, build_vqvae, star_config, vqvae_config
+from models import conv as conv_module
 from models import linear as linear_module
 from tests.helpers import REPO
 
@@ -71,9 +72,11 @@ def test_generation_flop_formula_matches_counted_matmuls(monkeypatch):
     assert abs(counted - analytic) / counted < 0.002, (counted, analytic)  # the rest: the VQ-VAE's phi convs
 
 
-def test_decode_flop_formula_matches_counted_convolutions():
+def test_decode_flop_formula_matches_counted_convolutions(monkeypatch):
     """The decoder formula against FlopCounterMode: the tiny reference VAE, the shapes tokenizer's layout (one
-    res-block per level) and VAR's layout on a 4x4 latent (64^2 image), at batch 2."""
+    res-block per level) and VAR's layout on a 4x4 latent (64^2 image), at batch 2. The convolutions run as
+    ``F.conv2d`` (the counter does not count NNPACK's Winograd op, which models.conv uses for wide maps)."""
+    monkeypatch.setattr(conv_module, "_HAVE_NNPACK", False)
     from torch.utils.flop_counter import FlopCounterMode
     for cfg in (vqvae_config("vqvae-tiny"),
                 vqvae_config("vqvae-tiny", ch_mult=(1, 1, 2, 4), num_res_blocks=1, patch_nums=(1, 2, 4, 8)),
