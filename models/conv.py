@@ -9,7 +9,8 @@ machine, 2 threads, one image, ms per convolution, oneDNN (best of NCHW and chan
 7.5 -> 5.9; but 640 -> 640 at 16^2: 13 -> 52, 32 -> 32 at 64^2: 0.95 -> 1.10, 16 -> 16 at 128^2: 0.53 -> 1.22. Hence
 the thresholds below (>= 128 channels in and out, >= 64^2 pixels). For batches NNPACK switches to an algorithm
 that was slower than oneDNN here (batch 4: 0.8-0.9x), so a batch runs image by image, which also makes every
-image's result independent of the batch it is in. A star-d16 256^2 VQ-VAE decode: 3.2 -> 2.1 s.
+image's result independent of the batch it is in. A whole star-d16 256^2 VQ-VAE decode, the two paths alternated
+in one process (medians of 4): 3.5 -> 2.2 s at batch 1, 13.7 -> 9.1 s at batch 4 (docs/benchmarks.md).
 
 Winograd's transforms round differently from direct convolution: outputs differ by ~2e-5 relative (a whole
 256^2 decode with random weights: at most 4.6e-5 in [-1, 1], 0.04% of 8-bit pixels off by one). cuDNN picks
