@@ -2,15 +2,21 @@
 
 Parameter names follow the official checkpoints (``mat_qkv``, ``mat_q``, ``mat_kv``, ``q_bias``, ``v_bias``,
 the zero ``zero_k_bias`` buffer, ``scale_mul_1H11``, ``proj``). All attention goes through
-``F.scaled_dot_product_attention`` (``attention``); projections through ``models.linear``.
+``F.scaled_dot_product_attention`` (``attention``), or FlexAttention when given a ``BlockMask`` (training on
+CUDA, ``STAR.set_attention_kernel``); projections through ``models.linear``.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # imported where used: the module costs ~0.6 s at start-up
+    from torch.nn.attention.flex_attention import BlockMask
 
 from models.linear import Linear, linear
 from models.rope import apply_rope
@@ -18,11 +24,23 @@ from models.rope import apply_rope
 _MAX_SCALE_LOG = math.log(100.0)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+@functools.cache
+def _flex_attention(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention) if compiled else flex_attention
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None,
               scale: float) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; on CPU, bf16/fp16 inputs are computed in fp32 and cast back: PyTorch's
     CPU bf16 attention backward is ~3.5x slower than fp32 (a shapes STAR training step under bf16 autocast on an
-    AMX CPU: 0.32 s, with fp32 attention 0.27 s, all fp32 0.38 s)."""
+    AMX CPU: 0.32 s, with fp32 attention 0.27 s, all fp32 0.38 s).
+
+    A ``BlockMask`` selects FlexAttention, which skips the blocks of the score matrix the mask hides entirely:
+    compiled on CUDA; on the CPU only its eager reference (inference only: PyTorch has no CPU backward for it),
+    which exists here to check the mask against the dense one."""
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a BlockMask
+        return _flex_attention(compiled=q.device.type == "cuda")(q, k, v, block_mask=attn_mask, scale=scale)
     if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
@@ -88,7 +106,8 @@ class SelfAttention(_QKNorm):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, L, C); rope = (cos, sin) of these L positions; attn_mask bool (L, Lk), True = attend."""
+        """x (B, L, C); rope = (cos, sin) of these L positions; attn_mask bool (L, Lk), True = attend (or a
+        FlexAttention ``BlockMask``)."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)

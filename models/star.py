@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,11 @@ from models.rope import rope_angles
 from models.sampling import Generators, draw_per_group, guidance_weights, sample_tokens
 from models.vqvae import VQVAE
 from utils.config import ConfigError
+
+if TYPE_CHECKING:  # imported where used: the module costs ~0.6 s at start-up
+    from torch.nn.attention.flex_attention import BlockMask
+
+ATTENTION_KERNELS = ("sdpa", "flex")
 
 
 @dataclass
@@ -160,12 +166,22 @@ class STAR(nn.Module):
         self.register_buffer("rope_cos", angles.cos(), persistent=False)  # (L, hd/2)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.activation_checkpointing = False  # set_activation_checkpointing
+        self.attention_kernel = "sdpa"          # set_attention_kernel
+        self._flex_masks: dict[str, BlockMask] = {}  # the full-sequence BlockMask per device
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Training: keep only each block's input and recompute the block in the backward pass. Activation
         memory falls from ~depth blocks' worth to ~one block's (plus the block inputs), for one more forward
         pass of the blocks (~1/3 more compute). Gradients are unchanged (drop-path draws are replayed)."""
         self.activation_checkpointing = enabled
+
+    def set_attention_kernel(self, kernel: str) -> None:
+        """Training self-attention: ``sdpa`` (a dense bool mask) or ``flex`` (FlexAttention with a block mask, which
+        skips the score blocks the block-causal mask hides entirely; compiled, CUDA only for training, as
+        PyTorch has no CPU backward for it). Generation is unaffected (its KV cache needs no mask)."""
+        if kernel not in ATTENTION_KERNELS:
+            raise ConfigError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+        self.attention_kernel = kernel
 
     # --- init ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -216,6 +232,19 @@ class STAR(nn.Module):
         lvl = self.level_ids if keep is None else self.level_ids[keep]
         return lvl[:, None] >= lvl[None, :]
 
+    def flex_block_mask(self, keep: torch.Tensor | None = None) -> BlockMask:
+        """``block_causal_mask`` as a FlexAttention ``BlockMask`` (built once per device without ``keep``)."""
+        lvl = self.level_ids if keep is None else self.level_ids[keep]
+        key = str(lvl.device)
+        if keep is None and key in self._flex_masks:
+            return self._flex_masks[key]
+        from torch.nn.attention.flex_attention import create_block_mask
+        n = lvl.shape[0]
+        mask = create_block_mask(lambda b, h, q, kv: lvl[q] >= lvl[kv], None, None, n, n, device=lvl.device)
+        if keep is None:
+            self._flex_masks[key] = mask
+        return mask
+
     # --- training forward -------------------------------------------------------------------------------------
     def forward(self, var_input: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
                 text_pooled: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +261,7 @@ class STAR(nn.Module):
         if keep is not None:
             x, cos, sin = x[:, keep], cos[keep], sin[keep]
         rope = (cos, sin) if self.cfg.rope else None
-        mask = self.block_causal_mask(keep)
+        mask = self.flex_block_mask(keep) if self.attention_kernel == "flex" else self.block_causal_mask(keep)
         text_kvs, text_bias = self.text_inputs(text_hidden, text_mask)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block, text_kv in zip(self.blocks, text_kvs):

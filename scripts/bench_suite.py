@@ -37,6 +37,8 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("gen_d16_256_b32_bf16", GEN, [*D16, "--batch", "32", "--dtype", "bf16", "--repeats", "5"]),
         ("gen_d16_256_b1_fp32", GEN, [*D16, "--dtype", "fp32", "--repeats", "5"]),
         ("train_d16_256_b32_bf16", TRAIN, [*D16, "--batch", "32", "--dtype", "bf16", "--repeats", "5"]),
+        ("train_d16_256_b32_bf16_flex", TRAIN, [*D16, "--batch", "32", "--dtype", "bf16", "--attention", "flex",
+                                                "--repeats", "5"]),
     ],
     # The reference machine's table (2 threads, fp32), against the official timings in the issue.
     "cpu": [

@@ -21,6 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from metrics.bench import bench_parser, matmul_gflops, parse_bench_args, print_report, sync  # noqa: E402
 from metrics.flops import star_training_flops  # noqa: E402
 from models import build_star, star_config  # noqa: E402
+from models.star import ATTENTION_KERNELS  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 from utils import cli  # noqa: E402
@@ -31,12 +32,17 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass (star_train.activation_checkpointing)")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa",
+                   help="self-attention kernel (star_train.attention); flex needs CUDA")
     args, device, dtype = parse_bench_args(p)
+    if args.attention == "flex" and device.type != "cuda":
+        p.error("--attention flex needs --device cuda (PyTorch has no FlexAttention backward on the CPU)")
     torch.manual_seed(0)
     cfg = star_config(args.size, None if args.size == "star-tiny" else args.resolution)
     with device:  # random init on the target device (faster than on the CPU for the large sizes)
         model = build_star(cfg).train()
     model.set_activation_checkpointing(args.activation_checkpointing)
+    model.set_attention_kernel(args.attention)
     trained = torch.compile(model) if args.compile else model
     opt = build_optimizer(model, OptimConfig(fused=device.type == "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -70,7 +76,8 @@ def main() -> int:
     peak = matmul_gflops(device, dtype)
     out = {"size": args.size, "resolution": args.resolution, "batch": B, "dtype": args.dtype, "device": str(device),
            "threads": torch.get_num_threads(), "compile": args.compile,
-           "activation_checkpointing": args.activation_checkpointing, "repeats": args.repeats,
+           "activation_checkpointing": args.activation_checkpointing, "attention": args.attention,
+           "repeats": args.repeats,
            "seconds_median": sec, "seconds_all": times[1:], "images_per_s": B / sec, "tokens_per_s": B * L / sec,
            "flops": flops, "gflops_per_s": flops / sec / 1e9, "matmul_gflops_per_s": peak,
            "fraction_of_matmul_peak": flops / sec / 1e9 / peak}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.sampling import OFFICIAL_GENERATION, guidance_weights
-from models.star import StarConfig
+from models.star import ATTENTION_KERNELS, StarConfig
 from models.vqvae import VQVAEConfig
 from utils.config import ConfigError
 
@@ -136,6 +136,9 @@ class StarTrainConfig:
     # Recompute each transformer block in the backward pass instead of keeping its activations
     # (STAR.set_activation_checkpointing): for large models or resolutions that do not fit otherwise.
     activation_checkpointing: bool = False
+    # Self-attention kernel (STAR.set_attention_kernel): sdpa (dense mask) | flex (FlexAttention block mask,
+    # CUDA only: it skips the masked score blocks; PyTorch has no CPU backward for it).
+    attention: str = "sdpa"
 
     def generation(self) -> dict:
         """The exported pipeline's default sampling settings (keyword arguments of ``StarPipeline.__call__``)."""
@@ -153,6 +156,8 @@ class StarTrainConfig:
             raise ConfigError(f"star_train.token_drop must be none, window or random, got {self.token_drop!r}")
         if not 0 < self.keep_fraction <= 1:
             raise ConfigError("star_train.keep_fraction must be in (0, 1]")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"star_train.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
 
 
 @dataclass

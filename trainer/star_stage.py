@@ -73,6 +73,10 @@ class StarStage:
         if cfg.loop.init_from:
             load_init_weights(self.model, cfg.loop.init_from)
         self.model.set_activation_checkpointing(cfg.star_train.activation_checkpointing)
+        if cfg.star_train.attention == "flex" and device.type != "cuda":
+            raise ConfigError(f"star_train.attention=flex needs a CUDA device (PyTorch has no FlexAttention backward "
+                              f"on {device.type}): use --star_train.attention=sdpa")
+        self.model.set_attention_kernel(cfg.star_train.attention)
         self.vqvae = load_vqvae_for(cfg.star_train.vqvae, cfg.model.patch_nums).to(device)
         encoder = text_encoder_from_config(to_dict(cfg.text)).to(device)
         if encoder.dim != cfg.model.text_dim:
