@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from metrics.bench import bench_parser, matmul_gflops, parse_bench_args, print_report, sync  # noqa: E402
 from metrics.flops import star_generation_flops, vqvae_decode_flops  # noqa: E402
 from models import build_star, build_vqvae, star_config, vqvae_config  # noqa: E402
+from models import conv as conv_module  # noqa: E402
 from models.checkpoint import OFFICIAL_SAMPLE_FROM  # noqa: E402
 from models.sampler import SCHEDULES, SamplerHead  # noqa: E402
 from utils import cli  # noqa: E402
@@ -105,6 +106,7 @@ def main() -> int:
         "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "compile": args.compile, "repeats": args.repeats,
+        "winograd_decode": device.type == "cpu" and conv_module._HAVE_NNPACK,  # models/conv.py
         "sampler": args.sampler, "sampler_schedule": args.sampler_schedule if args.sampler else None,
         "seconds_median": sec, "seconds_all": times, "seconds_per_image": sec / B, "images_per_s": B / sec,
         "tokens_per_s": B * cfg.seq_len / sec, "transformer_seconds_median": sec - dec,
