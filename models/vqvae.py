@@ -58,6 +58,12 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
 
 
+def _silu_of(h: torch.Tensor) -> torch.Tensor:
+    """SiLU of a fresh intermediate ``h``: in place when no autograd graph is recorded (the same numbers, without
+    allocating another full-size map: GroupNorm + SiLU at 160 x 256^2 on the CPU 50 -> 31 ms)."""
+    return F.silu(h, inplace=not torch.is_grad_enabled())
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, dropout: float):
         super().__init__()
@@ -69,9 +75,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        h = self.conv1(_silu_of(self.norm1(x)))
+        h = self.conv2(self.dropout(_silu_of(self.norm2(h))))
+        return h.add_(self.nin_shortcut(x)) if not torch.is_grad_enabled() else self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -162,7 +168,7 @@ class Encoder(nn.Module):
             h = level.run_blocks(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(_silu_of(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -190,7 +196,7 @@ class Decoder(nn.Module):
             h = level.run_blocks(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_silu_of(self.norm_out(h)))
 
 
 class VQVAE(nn.Module):
