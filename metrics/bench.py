@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import time
 
 import torch
@@ -53,6 +54,14 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repea
         sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / min(times) / 1e9
+
+
+def paired_fraction(flops: float, seconds: list[float], matmul_rates: list[float]) -> float:
+    """Median over timed runs of (flops / seconds_i) / matmul_rates_i, each run against the matmul rate timed
+    right after it (``matmul_gflops``, GFLOP/s): on a shared machine whose speed changes within minutes, a run
+    and the matmul next to it see the same machine. (One rate for all runs gave 0.52 to 1.08 for the same
+    code on the reference CPU within ten minutes.)"""
+    return statistics.median(flops / t / 1e9 / rate for t, rate in zip(seconds, matmul_rates))
 
 
 def print_report(out: dict, device: torch.device) -> None:

@@ -6,8 +6,9 @@
 Reports the median over ``--repeats`` timed runs after one warm-up: seconds per batch (``seconds_median``),
 per image, images/s, tokens/s, the transformer / VQ-VAE-decode split, peak RSS (and peak CUDA memory), the
 analytic FLOP counts of both parts (metrics/flops.py) and their achieved fraction of a large fp32/bf16 matmul
-timed in the same process (the machine's practical peak), and ``seconds_at_matmul_peak``: the time every
-counted FLOP would take at that peak. The decode's count is direct convolution's: with the Winograd
+timed in the same process (the machine's practical peak; the fractions pair every timed run with the matmul
+rate timed right after it, ``metrics.bench.paired_fraction``), and ``seconds_at_matmul_peak``: the time every
+counted FLOP would take at the fastest matmul rate seen. The decode's count is direct convolution's: with the Winograd
 convolutions of CPU inference (models/conv.py) its fraction of the peak can exceed 1.
 """
 import statistics
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
-from metrics.bench import bench_parser, matmul_gflops, parse_bench_args, print_report, sync  # noqa: E402
+from metrics.bench import bench_parser, matmul_gflops, paired_fraction, parse_bench_args, print_report, sync  # noqa: E402
 from metrics.flops import star_generation_flops, vqvae_decode_flops  # noqa: E402
 from models import build_star, build_vqvae, star_config, vqvae_config  # noqa: E402
 from models import conv as conv_module  # noqa: E402
@@ -76,7 +77,7 @@ def main() -> int:
     vae.fhat_to_img = timed_decode  # instance attribute on our own object: times the decode inside generate
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, scale_ends = [], []
+    times, scale_ends, rates = [], [], []
 
     def end_of_scale(si: int) -> None:
         sync(device)
@@ -92,6 +93,8 @@ def main() -> int:
                           sampler=head, sampler_schedule=args.sampler_schedule, scale_callback=end_of_scale)
         sync(device)
         times.append(time.perf_counter() - t0)
+        if i:
+            rates.append(matmul_gflops(device, dtype, repeats=3))  # the machine's speed right after this run
     times, decode = times[1:], decode_times[1:]
     # Seconds per scale (transformer, sampling and the f_hat update; the first includes the text K/V).
     per_scale = [statistics.median(ends[s + 1] - ends[s] for ends in scale_ends[1:])
@@ -100,7 +103,8 @@ def main() -> int:
     dec = statistics.median(decode)
     flops = star_generation_flops(cfg, B, T)
     decode_flops = vqvae_decode_flops(vcfg, B)
-    peak = matmul_gflops(device, dtype)
+    peak = max(rates + [matmul_gflops(device, dtype)])
+    transformer_times = [t - d for t, d in zip(times, decode)]
     out = {
         "size": args.size, "resolution": args.resolution, "patch_nums": list(cfg.patch_nums), "batch": B,
         "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype, "device": str(device),
@@ -113,8 +117,10 @@ def main() -> int:
         "vqvae_decode_seconds_median": dec, "scale_tokens": [pn * pn for pn in cfg.patch_nums],
         "scale_seconds_median": per_scale, "transformer_flops": flops,
         "transformer_gflops_per_s": flops / (sec - dec) / 1e9, "matmul_gflops_per_s": peak,
-        "transformer_fraction_of_matmul_peak": flops / (sec - dec) / 1e9 / peak,
-        "vqvae_decode_flops": decode_flops, "vqvae_decode_fraction_of_matmul_peak": decode_flops / dec / 1e9 / peak,
+        "matmul_gflops_per_s_after_each_run": rates,
+        "transformer_fraction_of_matmul_peak": paired_fraction(flops, transformer_times, rates),
+        "vqvae_decode_flops": decode_flops,
+        "vqvae_decode_fraction_of_matmul_peak": paired_fraction(decode_flops, decode, rates),
         # The time the whole generation would take if every counted FLOP ran at the matmul rate: a floor for
         # any implementation that computes the same thing in this dtype with matmuls and direct convolutions.
         "seconds_at_matmul_peak": (flops + decode_flops) / 1e9 / peak,

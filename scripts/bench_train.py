@@ -6,7 +6,8 @@
 VQ-VAE encoding and text encoding are excluded (as the official reference timing); the inputs are random
 teacher-forcing maps and text features. Prints one JSON object with ``seconds_median`` per step, the analytic
 FLOP count of the step (metrics/flops.py) and the achieved GFLOP/s next to a large matmul timed in the same
-process.
+process (``fraction_of_matmul_peak`` pairs every timed step with the matmul rate timed right after it,
+``metrics.bench.paired_fraction``).
 """
 import statistics
 import sys
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from metrics.bench import bench_parser, matmul_gflops, parse_bench_args, print_report, sync  # noqa: E402
+from metrics.bench import bench_parser, matmul_gflops, paired_fraction, parse_bench_args, print_report, sync  # noqa: E402
 from metrics.flops import star_training_flops  # noqa: E402
 from models import build_star, star_config  # noqa: E402
 from models.star import ATTENTION_KERNELS  # noqa: E402
@@ -64,23 +65,26 @@ def main() -> int:
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    times = []
+    times, rates = [], []
     for _ in range(args.repeats + 1):
         sync(device)
         t0 = time.perf_counter()
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
+        if len(times) > 1:
+            rates.append(matmul_gflops(device, dtype, repeats=3))  # the machine's speed right after this step
     sec = statistics.median(times[1:])
     flops = star_training_flops(cfg, B, L, T)  # model FLOPs: recomputation by activation checkpointing not counted
-    peak = matmul_gflops(device, dtype)
+    peak = max(rates + [matmul_gflops(device, dtype)])
     out = {"size": args.size, "resolution": args.resolution, "batch": B, "dtype": args.dtype, "device": str(device),
            "threads": torch.get_num_threads(), "compile": args.compile,
            "activation_checkpointing": args.activation_checkpointing, "attention": args.attention,
            "repeats": args.repeats,
            "seconds_median": sec, "seconds_all": times[1:], "images_per_s": B / sec, "tokens_per_s": B * L / sec,
            "flops": flops, "gflops_per_s": flops / sec / 1e9, "matmul_gflops_per_s": peak,
-           "fraction_of_matmul_peak": flops / sec / 1e9 / peak}
+           "matmul_gflops_per_s_after_each_run": rates,
+           "fraction_of_matmul_peak": paired_fraction(flops, times[1:], rates)}
     print_report(out, device)
     return 0
 

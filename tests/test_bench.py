@@ -104,3 +104,10 @@ def test_training_flop_formula_matches_counted_matmuls():
             logits.logsumexp(-1).mean().backward()
         tokens = None if keep is None else int(keep.sum())
         assert counter.get_total_flops() == star_training_flops(cfg, B, tokens, T)
+
+
+def test_paired_fraction_pairs_each_run_with_its_own_matmul_rate():
+    from metrics.bench import paired_fraction
+    # 100 GFLOP; the machine halves its speed between runs, and the matmul timed after each run shows it
+    assert paired_fraction(100e9, [1.0, 2.0, 4.0], [200.0, 100.0, 50.0]) == 0.5
+    assert paired_fraction(100e9, [1.0, 2.0, 1.0], [100.0, 100.0, 50.0]) == 1.0  # the median of 1, 0.5, 2
