@@ -77,7 +77,9 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(_silu_of(self.norm1(x)))
         h = self.conv2(self.dropout(_silu_of(self.norm2(h))))
-        return h.add_(self.nin_shortcut(x)) if not torch.is_grad_enabled() else self.nin_shortcut(x) + h
+        if torch.is_grad_enabled():
+            return self.nin_shortcut(x) + h
+        return h.add_(self.nin_shortcut(x))  # no graph: add into the fresh conv output (the same sum, bit for bit)
 
 
 class AttnBlock(nn.Module):

@@ -8,8 +8,8 @@ per image, images/s, tokens/s, the transformer / VQ-VAE-decode split, peak RSS (
 analytic FLOP counts of both parts (metrics/flops.py) and their achieved fraction of a large fp32/bf16 matmul
 timed in the same process (the machine's practical peak; the fractions pair every timed run with the matmul
 rate timed right after it, ``metrics.bench.paired_fraction``), and ``seconds_at_matmul_peak``: the time every
-counted FLOP would take at the fastest matmul rate seen. The decode's count is direct convolution's: with the Winograd
-convolutions of CPU inference (models/conv.py) its fraction of the peak can exceed 1.
+counted FLOP would take at the fastest matmul rate seen. The decode's count is direct convolution's: with the
+Winograd convolutions of CPU inference (models/conv.py) its fraction of the peak can exceed 1.
 """
 import statistics
 import sys
