@@ -12,6 +12,8 @@ that was slower than oneDNN here (batch 4: 0.8-0.9x), so a batch runs image by i
 image's result independent of the batch it is in. A whole star-d16 256^2 VQ-VAE decode, the two paths alternated
 in one process (medians of 4): 3.5 -> 2.2 s at batch 1, 13.7 -> 9.1 s at batch 4 (docs/benchmarks.md).
 
+NNPACK runs on its own thread pool: here it used both cores even under ``torch.set_num_threads(1)``.
+
 Winograd's transforms round differently from direct convolution: outputs differ by ~2e-5 relative (a whole
 256^2 decode with random weights: at most 4.6e-5 in [-1, 1], 0.04% of 8-bit pixels off by one). cuDNN picks
 Winograd kernels on GPUs in the same way.
