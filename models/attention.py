@@ -38,9 +38,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
 
     A ``BlockMask`` selects FlexAttention, which skips the blocks of the score matrix the mask hides entirely:
     compiled on CUDA; on the CPU only its eager reference (inference only: PyTorch has no CPU backward for it),
-    which exists here to check the mask against the dense one."""
+    which exists here to check the mask against the dense one. Under CUDA autocast ``F.normalize`` returns fp32
+    keys (its norm runs in fp32) next to bf16 queries and values; SDPA is an autocast op and casts them back,
+    FlexAttention is not, so keys and values are cast to the queries' dtype here."""
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a BlockMask
-        return _flex_attention(compiled=q.device.type == "cuda")(q, k, v, block_mask=attn_mask, scale=scale)
+        flex = _flex_attention(compiled=q.device.type == "cuda")
+        return flex(q, k.to(q.dtype), v.to(q.dtype), block_mask=attn_mask, scale=scale)
     if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if attn_mask is not None and attn_mask.dtype != torch.bool:

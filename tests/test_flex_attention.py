@@ -67,3 +67,24 @@ def test_flex_is_refused_for_cpu_training_and_unknown_kernels(tmp_path):
         StarStage(cfg, torch.device("cpu"))
     with pytest.raises(ConfigError, match="star_train.attention"):
         load_config(RunConfig, None, star_overrides(tmp_path / "run", vq, **{"star_train.attention": "flash"}))
+
+
+def test_flex_gets_one_dtype_under_autocast(monkeypatch):
+    """Under CUDA autocast the normalised keys come out fp32 next to bf16 queries and values (SDPA casts them
+    itself, FlexAttention does not): ``attention`` hands FlexAttention one dtype, the queries'."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from models import attention as attention_module
+    seen = []
+
+    def recording_flex(compiled):
+        def flex(q, k, v, block_mask, scale):
+            seen.append((q.dtype, k.dtype, v.dtype))
+            return q
+        return flex
+
+    monkeypatch.setattr(attention_module, "_flex_attention", recording_flex)
+    mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 4, 4, device="cpu")
+    q, v = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16), torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
+    attention_module.attention(q, torch.randn(1, 1, 4, 8), v, mask, scale=1.0)
+    assert seen == [(torch.bfloat16,) * 3]
