@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.linear import cpu_fp32_inference
+
 # ``is_available`` also initialises NNPACK, which ``_nnpack_spatial_convolution`` needs and does not do itself.
 _HAVE_NNPACK = torch.backends.nnpack.is_available()
 _MIN_CHANNELS = 128       # narrower convolutions: oneDNN is as fast or faster
@@ -34,14 +36,12 @@ _MIN_PIXELS = 64 * 64     # smaller maps: the tile transforms cost more than the
 
 
 def _winograd_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    return (_HAVE_NNPACK and x.device.type == "cpu" and x.dim() == 4
-            and x.dtype == conv.weight.dtype == torch.float32
+    return (_HAVE_NNPACK and x.dim() == 4
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and min(conv.in_channels, conv.out_channels) >= _MIN_CHANNELS
             and x.shape[-1] * x.shape[-2] >= _MIN_PIXELS
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
+            and cpu_fp32_inference(x, conv.weight))
 
 
 class Conv2d(nn.Conv2d):

@@ -25,11 +25,16 @@ _HAVE_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn
 _ONEDNN_MAX_ROWS = 128  # from ~200 rows on, sgemm's packing is amortised and sgemm is as fast or faster
 
 
+def cpu_fp32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a layer call may use a CPU inference kernel (here and in models.conv): CPU, fp32 input and weight,
+    no autograd graph, no autocast, not being traced by ``torch.compile``."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x (..., in) -> (..., out)."""
-    if (_HAVE_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and x.numel() <= _ONEDNN_MAX_ROWS * x.shape[-1] and not torch.compiler.is_compiling()):
+    if _HAVE_ONEDNN and x.numel() <= _ONEDNN_MAX_ROWS * x.shape[-1] and cpu_fp32_inference(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
