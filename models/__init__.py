@@ -27,28 +27,25 @@ VQVAE_SIZES: dict[str, dict] = {
 }
 
 
-def star_config(size: str, resolution: int | str | None = None, **overrides) -> StarConfig:
-    if size not in STAR_SIZES:
-        raise KeyError(f"unknown STAR size {size!r}; known: {', '.join(STAR_SIZES)}")
-    kwargs = dict(STAR_SIZES[size])
+def _sized_config(kind: str, sizes: dict, cls, size: str, resolution: int | str | None, overrides: dict):
+    """A registry entry (+ the patch schedule of a resolution, + overrides), validated."""
+    if size not in sizes:
+        raise KeyError(f"unknown {kind} size {size!r}; known: {', '.join(sizes)}")
+    kwargs = dict(sizes[size])
     if resolution is not None:
         kwargs["patch_nums"] = PATCH_NUMS[str(resolution)]
     kwargs.update(overrides)
-    cfg = StarConfig(**kwargs)
+    cfg = cls(**kwargs)
     cfg.validate()
     return cfg
+
+
+def star_config(size: str, resolution: int | str | None = None, **overrides) -> StarConfig:
+    return _sized_config("STAR", STAR_SIZES, StarConfig, size, resolution, overrides)
 
 
 def vqvae_config(size: str = "vqvae-f16-c160", resolution: int | str | None = None, **overrides) -> VQVAEConfig:
-    if size not in VQVAE_SIZES:
-        raise KeyError(f"unknown VQ-VAE size {size!r}; known: {', '.join(VQVAE_SIZES)}")
-    kwargs = dict(VQVAE_SIZES[size])
-    if resolution is not None:
-        kwargs["patch_nums"] = PATCH_NUMS[str(resolution)]
-    kwargs.update(overrides)
-    cfg = VQVAEConfig(**kwargs)
-    cfg.validate()
-    return cfg
+    return _sized_config("VQ-VAE", VQVAE_SIZES, VQVAEConfig, size, resolution, overrides)
 
 
 def build_star(cfg: StarConfig, init: bool = True) -> STAR:
