@@ -25,9 +25,14 @@ def parse_args(argv: list[str]) -> RunConfig:
         raise ConfigError("no config given: pass --config=configs/<run>.json [--section.key=value ...] "
                           "(--help for more)")
     config_path, overrides = None, []
-    for arg in argv:
+    args = iter(argv)
+    for arg in args:
         if arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
+        elif arg == "--config":  # the space-separated form, as argparse would take it
+            config_path = next(args, None)
+            if config_path is None or config_path.startswith("--"):
+                raise ConfigError("--config needs a path: --config=configs/<run>.json")
         elif arg in ("-h", "--help"):
             print(__doc__)
             sys.exit(0)

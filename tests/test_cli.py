@@ -50,6 +50,14 @@ def test_train_config_errors(capsys):
     assert "num_res_blocks must be >= 1" in capsys.readouterr().err
 
 
+def test_train_config_path_with_a_space(capsys):
+    """``--config PATH`` reads the file like ``--config=PATH`` (here: the same override error, not 'config')."""
+    assert cli.run(train.main, ["train.py", "--config", str(CONFIG), "--loop.stpes", "3"]) == 2
+    assert "Did you mean 'steps'" in capsys.readouterr().err
+    assert cli.run(train.main, ["train.py", "--config", "--loop.steps=3"]) == 2
+    assert "--config needs a path" in capsys.readouterr().err
+
+
 def test_truncated_or_foreign_weight_files(tmp_path):
     pipe_dir = StarPipeline.tiny_random().save_pretrained(tmp_path / "pipe")
     weights = tmp_path / "pipe" / "model.safetensors"
