@@ -15,11 +15,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
 from utils import cli
 from utils.data.pack import (
+    IMAGE_EXTS,
     OFFICIAL_CAPTION_KEYS,
     PackOptions,
     folder_items,
@@ -53,6 +55,9 @@ def main() -> int:
     args = p.parse_args()
 
     keys = tuple(args.caption_keys.split(",")) if args.caption_keys else None
+    source = args.folder or args.manifest or args.official
+    if source is not None and not Path(source).exists():
+        raise FileNotFoundError(f"no such {'file' if args.manifest else 'folder'}: {source}")
     if args.folder:
         items, total = folder_items(args.folder, keys or ("caption", "prompt")), None
     elif args.manifest:
@@ -71,6 +76,10 @@ def main() -> int:
     inputs = summary["packed"] + sum(summary["skipped"].values())
     summary["images_per_s"] = round(inputs / max(summary["seconds"], 1e-9), 1)
     print(json.dumps(summary))
+    if source is not None and inputs == 0 and summary["shards_reused"] == 0:  # a wrong path or layout
+        expected = (f"images ({', '.join(IMAGE_EXTS)}) with .txt/.json captions" if args.folder else
+                    "rows with an 'image' column" if args.manifest else f"{args.json_dir}/*.json records")
+        raise cli.InputError(f"nothing to pack in {source}: expected {expected}")
     return 0
 
 

@@ -169,3 +169,21 @@ def test_test_pack_cli_prints_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["packed"] == 20 and summary["shards_written"] == 3
+
+
+@pytest.mark.parametrize("source, expected", [
+    (["--folder", "{tmp}/missing"], "no such folder"),
+    (["--manifest", "{tmp}/missing.jsonl"], "no such file"),
+    (["--folder", "{tmp}/empty"], "nothing to pack in"),
+    (["--official", "{tmp}/empty"], "expected jsons/*.json records"),
+])
+def test_test_pack_refuses_a_wrong_source(tmp_path, monkeypatch, capsys, source, expected):
+    """A mistyped path or an empty folder is an error (exit 2, one line), not a successful pack of 0 images."""
+    import test_pack
+    from utils import cli
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(tmp=tmp_path) for a in source]
+    monkeypatch.setattr(sys, "argv", ["test_pack.py", *argv, "--out", str(tmp_path / "out")])
+    assert cli.run(test_pack.main) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and expected in err, err
