@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from utils import cli
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -20,7 +22,7 @@ def bench_parser(doc: str, batch: int, cfg: float, cfg_help: str = "guidance sca
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--cfg", type=float, default=cfg, help=cfg_help)
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device_arg, default=cli.default_device())
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (the median is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     return p

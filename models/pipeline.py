@@ -36,6 +36,7 @@ from models.sampling import OFFICIAL_GENERATION
 from models.star import STAR
 from models.text_encoder import TextEncoder, build_text_encoder, text_encoder_from_config
 from models.vqvae import VQVAE
+from utils import cli
 from utils.config import ConfigError
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -227,7 +228,7 @@ def add_pipeline_args(parser: argparse.ArgumentParser, ckpt_help: str) -> None:
     group.add_argument("--vae", help="VQ-VAE: our directory or VAR's vae_ch160v4096z32.pth (default: from --ckpt)")
     group.add_argument("--text-encoder", help="hf-clip | open_clip | t5 | tiny | minilm (default: from --ckpt)")
     group.add_argument("--text-encoder-path", help="local weights of the text encoder")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--device", type=cli.device_arg, default=cli.default_device())
     group.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (CUDA autocast; default bf16 there)")
 
 

@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--encoder-path", default=None)
     p.add_argument("--cache", required=True)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=cli.device_arg, default="cpu")
     args = p.parse_args()
     encoder = build_text_encoder(args.encoder, args.encoder_path).to(args.device)
     cache = CachedTextEncoder(encoder, args.cache)

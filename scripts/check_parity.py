@@ -22,7 +22,8 @@ def main() -> int:
     parser.add_argument("--reference-dir", required=True, type=Path)
     parser.add_argument("--part", default="all", choices=[*PARTS, "all"])
     parser.add_argument("--out", type=Path, help="also write the JSON result to this file")
-    parser.add_argument("--device", default="cpu", help="run our models here (fp32; TF32 is switched off)")
+    parser.add_argument("--device", type=cli.device_arg, default="cpu",
+                        help="run our models here (fp32; TF32 is switched off)")
     parser.add_argument("--float-tol", type=float, default=FLOAT_TOL,
                         help=f"max-abs tolerance for float tensors; decoded images get {IMAGE_TOL_FACTOR:g} times "
                              "it, as their convolution kernels round differently on other CPUs/GPUs")

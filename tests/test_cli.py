@@ -97,3 +97,15 @@ def test_bad_prompt_files_are_input_errors(tmp_path, capsys):
                              (tmp_path / "missing.txt", "prompt file not found")):
         assert cli.run(sample.main, ["--prompts", str(prompts), "--out", str(tmp_path / "out")]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, expected", [("cdu", "is not a device"), ("cuda:64", "CUDA")])
+def test_device_flags_are_checked_before_anything_loads(device, expected, monkeypatch, capsys):
+    """``--device`` names a device this machine has, or argparse stops with one line (exit 2)."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--prompt", "a", "--out", "unused", "--device", device])
+    with pytest.raises(SystemExit) as stop:
+        sample.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device" in err and expected in err and "Traceback" not in err
+    assert cli.device_arg("cpu") == "cpu"

@@ -5,9 +5,12 @@ traceback only buries it. ``STAR_TRACEBACK=1`` shows the traceback anyway. Other
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
+
+import torch
 
 
 class InputError(Exception):
@@ -16,6 +19,26 @@ class InputError(Exception):
 
 INPUT_ERRORS = (InputError, FileNotFoundError)
 EXIT_INPUT_ERROR = 2
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type`` of every ``--device`` flag: a device torch knows and this machine has."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device on this machine (torch {torch.__version__}); "
+                                             "use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    return text
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run(main: Callable[..., int | None], *args) -> int:
