@@ -125,3 +125,16 @@ def test_parse_overrides_forms():
         ("a.b", "1"), ("c", "2"), ("flag", "true"), ("d_e", "x")]
     with pytest.raises(ConfigError, match="overrides look like --key=value"):
         parse_overrides(["positional"])
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ('["/data/a","/data/b"]', ["/data/a", "/data/b"]),  # JSON
+    ("[/data/a,/data/b]", ["/data/a", "/data/b"]),      # brackets without quotes, as train.py's docstring shows
+    ("[ /data/a , /data/b ]", ["/data/a", "/data/b"]),
+    ("/data/a,/data/b", ["/data/a", "/data/b"]),
+    ("/data/a", ["/data/a"]),                           # one path: a one-element list
+    ("[/data/a]", ["/data/a"]),
+])
+def test_list_overrides_without_json_quotes(raw, expected):
+    assert load_config(RunSection, None, [f"--tags={raw}"]).tags == expected
+

@@ -132,11 +132,16 @@ def to_json(cfg: Any) -> str:
 
 
 def _parse_value(text: str) -> Any:
-    """CLI values are JSON when they parse as JSON (numbers, true/false, null, lists), otherwise strings."""
+    """CLI values are JSON when they parse as JSON (numbers, true/false, null, lists), otherwise strings.
+
+    Lists may also be written without JSON quotes: "a,b" or "[a,b]" (e.g. --data.lmdb_dirs=[/data/a,/data/b])."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        if "," in text and not text.startswith(("[", "{")):  # "1,2,3" / "a,b" as a convenience for lists
+        if text.startswith("[") and text.endswith("]"):
+            inner = text[1:-1].strip()
+            return [_parse_value(x.strip()) for x in inner.split(",")] if inner else []
+        if "," in text and not text.startswith("{"):
             return [_parse_value(x) for x in text.split(",")]
         return text
 
