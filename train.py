@@ -2,7 +2,7 @@
 """Train a VQ-VAE, a STAR transformer or a sampler head from a JSON config.
 
     python train.py --config=configs/shapes_vqvae.json [--section.key=value ...]
-    torchrun --nproc_per_node=8 train.py --config=configs/star_d16_256.json --data.lmdb_dirs=[...]
+    torchrun --nproc_per_node=8 train.py --config=configs/star_d16_256.json --data.lmdb_dirs=data/a,data/b
     python -m torch.distributed.launch --nproc_per_node=8 train.py --config=...   (legacy form also works)
 
 The stage ("vqvae", "star" or "sampler") comes from the config (train_sampler.py insists on "sampler").
