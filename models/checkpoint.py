@@ -204,9 +204,29 @@ def adapt_official_state_dict(state: dict[str, torch.Tensor], model: STAR, allow
             msg += fmt("unexpected", unexpected)
         if mismatched:
             msg += fmt("shape mismatch", mismatched)
-        msg += "\n(check the preset/config: depth, text_dim, patch_nums, rope; pass allow_partial=True to load anyway)"
+        msg += "\n" + describe_official_state_dict(state)
+        msg += ("\n(check the preset/config: depth, text_dim, patch_nums, rope; to load anyway: allow_partial=True, "
+                "convert_official.py --allow-partial)")
         raise CheckpointError(msg)
     return {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+
+
+def describe_official_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """What a transformer state dict holds (depth, width, text width, scales) and the presets of that shape."""
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    if not blocks or "lvl_embed.weight" not in state:
+        return "the file holds no STAR transformer (no blocks.* / lvl_embed.weight)"
+    scales, width = state["lvl_embed.weight"].shape
+    text_dim = state["encoder_proj.weight"].shape[1] if "encoder_proj.weight" in state else None
+    shape = dict(depth=max(blocks) + 1, width=width, text_dim=text_dim, scales=scales)
+    fits = []
+    for name, kwargs in OFFICIAL_PRESETS.items():
+        cfg = StarConfig(**kwargs)
+        if (cfg.depth, cfg.width, cfg.text_dim) == (shape["depth"], width, text_dim) and \
+                len(cfg.patch_nums) >= scales:  # longer schedules grow lvl_embed (progressive resolution)
+            fits.append(name)
+    held = ", ".join(f"{k} {v}" for k, v in shape.items())
+    return f"the checkpoint holds: {held}; presets of that shape: {', '.join(fits) or 'none'}"
 
 
 def load_official_star(path: str | Path, preset: str | None = None, config: StarConfig | None = None,

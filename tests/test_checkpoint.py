@@ -8,6 +8,7 @@ from metrics.parity import _load, build_reference_vqvae, reference_star_config
 from models.checkpoint import (
     CheckpointError,
     adapt_official_state_dict,
+    describe_official_state_dict,
     load_official_star,
     load_pretrained_star,
     load_pretrained_vqvae,
@@ -15,7 +16,7 @@ from models.checkpoint import (
     save_pretrained,
 )
 from models.star import STAR
-from tests.helpers import REPO
+from tests.helpers import REPO, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,21 @@ def test_mismatch_is_one_readable_error(official, tmp_path):
     msg = str(e.value)
     assert "missing (1): encoder_proj.bias" in msg and "unexpected (1): extra.weight" in msg
     assert "word_embed.weight: checkpoint [3, 3] vs model [128, 8]" in msg
+    assert f"the checkpoint holds: depth {cfg.depth}, width {cfg.width}" in msg and "presets of that shape: none" in msg
     partial = adapt_official_state_dict(bad, STAR(cfg), allow_partial=True)
     assert "extra.weight" not in partial and "word_embed.weight" not in partial
+
+
+@pytest.mark.parametrize("manifest, presets", [
+    ("manifest_star_d16.txt", "star-d16-256"),
+    ("manifest_star_d30.txt", "star-d30-1024"),  # 14 scales: only the 1024 schedule has that many
+])
+def test_a_mismatch_names_what_the_file_holds_and_the_presets_that_fit(reference_dir, manifest, presets):
+    """Shapes from the official key manifests (meta tensors: nothing allocated)."""
+    state = {k: torch.empty(shape, device="meta") for k, shape in read_manifest(reference_dir / manifest)}
+    text = describe_official_state_dict(state)
+    assert text.endswith(f"presets of that shape: {presets}"), text
+    assert describe_official_state_dict({"x": torch.zeros(1)}).startswith("the file holds no STAR transformer")
 
 
 def test_longer_schedule_grows_level_embedding(official):
