@@ -32,7 +32,7 @@ from models.checkpoint import (
     save_pretrained,
 )
 from models.sampler import SamplerHead
-from models.sampling import OFFICIAL_GENERATION
+from models.sampling import OFFICIAL_GENERATION, check_sampling
 from models.star import STAR
 from models.text_encoder import TextEncoder, build_text_encoder, text_encoder_from_config
 from models.vqvae import VQVAE
@@ -156,7 +156,9 @@ class StarPipeline:
     def generation_settings(self, **overrides) -> dict:
         """The sampling settings (cfg, top_k, top_p, guidance_schedule) a call uses: each given one, else this
         pipeline's default (``self.generation``)."""
-        return {**self.generation, **{k: v for k, v in overrides.items() if v is not None}}
+        settings = {**self.generation, **{k: v for k, v in overrides.items() if v is not None}}
+        check_sampling(settings["cfg"], settings["top_k"], settings["top_p"])
+        return settings
 
     def __call__(self, prompts: str | list[str], negative_prompt: str | list[str] = "", cfg: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
@@ -173,6 +175,8 @@ class StarPipeline:
         (N, pn^2)): tokens forced where ``keep`` is True (editing; see ``edit``)."""
         sampling = self.generation_settings(cfg=cfg, top_k=top_k, top_p=top_p, guidance_schedule=guidance_schedule)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or num_images < 1:
+            raise ValueError(f"nothing to generate: {len(prompts)} prompts, num_images={num_images}")
         prompts = [p for p in prompts for _ in range(num_images)]
         negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else \
             [n for n in negative_prompt for _ in range(num_images)]

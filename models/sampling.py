@@ -1,6 +1,7 @@
 """Token sampling and classifier-free-guidance schedules. All randomness comes from the given generator."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,6 +35,16 @@ def guidance_weights(schedule: str | list[float], cfg: float, num_scales: int) -
             raise ConfigError(f"guidance window must look like 'window:i:j', got {schedule!r}") from None
         return [float(cfg) if lo <= si <= hi else 0.0 for si in range(S)]
     raise ConfigError(f"unknown guidance schedule {schedule!r}: use 'linear', 'constant', 'window:i:j' or a list")
+
+
+def check_sampling(cfg: float, top_k: int, top_p: float) -> None:
+    """Refuse sampling settings that would fail deep inside generation (or silently mean nothing)."""
+    if not math.isfinite(cfg):
+        raise ConfigError(f"cfg must be a finite number, got {cfg}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0: the whole vocabulary), got {top_k}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ConfigError(f"top_p must lie in [0, 1] (0: off), got {top_p}")
 
 
 # One generator for the whole batch (the official way), or one per equal group of consecutive rows (the images of

@@ -75,3 +75,13 @@ def test_progressive_resolution_grows_level_embedding(tmp_path):
     assert torch.equal(big.lvl_embed.weight[:3], small.lvl_embed.weight)
     assert big.lvl_embed.weight.shape[0] == 5 and big.lvl_embed.weight[3:].abs().sum() > 0
     assert torch.equal(big.blocks[1].ffn.fc1.weight, small.blocks[1].ffn.fc1.weight)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--star_train.sample_top_p=3", "top_p must lie in"),
+    ("--star_train.sample_top_k=-2", "top_k must be >= 0"),
+])
+def test_exported_sampling_defaults_are_checked_at_load(override, match):
+    """The settings a run exports with its pipeline fail at start-up, not hours later in its first sample."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(RunConfig, REPO / "configs" / "shapes_star.json", [override])

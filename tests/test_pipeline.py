@@ -98,6 +98,18 @@ def test_seeds_and_negative_prompt(pipe):
     assert len(pipe(["x", "y"], num_images=3, seed=0)) == 6
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[]), "nothing to generate"),
+    (dict(prompts="a", num_images=0), "nothing to generate"),
+    (dict(prompts="a", cfg=float("nan")), "cfg must be a finite number"),
+    (dict(prompts="a", top_k=-1), "top_k must be >= 0"),
+    (dict(prompts="a", top_p=1.5), r"top_p must lie in \[0, 1\]"),
+])
+def test_bad_call_arguments_are_refused_before_generating(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs, seed=0)
+
+
 def test_inpainting_keeps_unmasked_tokens_at_every_scale(pipe):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.sampling import OFFICIAL_GENERATION, guidance_weights
+from models.sampling import OFFICIAL_GENERATION, check_sampling, guidance_weights
 from models.star import ATTENTION_KERNELS, StarConfig
 from models.vqvae import VQVAEConfig
 from utils.config import ConfigError
@@ -150,6 +150,10 @@ class StarTrainConfig:
             guidance_weights(self.sample_guidance, self.sample_cfg, 2)
         except ValueError as e:
             raise ConfigError(f"star_train.sample_guidance: {e}") from None
+        try:
+            check_sampling(self.sample_cfg, self.sample_top_k, self.sample_top_p)
+        except ConfigError as e:
+            raise ConfigError(f"star_train.sample_*: {e}") from None
         if self.loss_weighting not in ("token", "scale"):
             raise ConfigError(f"star_train.loss_weighting must be token or scale, got {self.loss_weighting!r}")
         if self.token_drop not in ("none", "window", "random"):
