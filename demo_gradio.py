@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    p.add_argument("--max-images", type=int, default=4, help="largest batch one request may ask for")
-    p.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this are refused")
+    p.add_argument("--max-images", type=cli.positive_int, default=4, help="largest batch one request may ask for")
+    p.add_argument("--queue-size", type=cli.positive_int, default=16, help="requests waiting beyond this are refused")
     args = p.parse_args(argv)
     if args.ckpt is None:
         pipe, note = StarPipeline.tiny_random(device=args.device), TINY_NOTE

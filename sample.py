@@ -79,8 +79,8 @@ def parse_args(argv=None):
     gen.add_argument("--no-sampler", action="store_true", help="do not use the sampler head even if present")
     gen.add_argument("--sampler-schedule", default="default", choices=SCHEDULES)
     gen.add_argument("--seed", type=int, default=0, help="item i uses seed + i unless its JSONL line has 'seed'")
-    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    gen.add_argument("--batch-size", type=int, default=1,
+    gen.add_argument("--num-images", type=cli.positive_int, default=1, help="images per prompt")
+    gen.add_argument("--batch-size", type=cli.positive_int, default=1,
                      help="prompts per forward pass (each keeps its own seed: the images do not depend on it)")
     gen.add_argument("--edit-image", help="in/out-painting: the image to edit (with --edit-mask and --prompt)")
     gen.add_argument("--edit-mask", help="white = regenerate, black = keep")

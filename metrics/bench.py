@@ -19,11 +19,12 @@ def bench_parser(doc: str, batch: int, cfg: float, cfg_help: str = "guidance sca
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="star-d16")
     p.add_argument("--resolution", default="256")
-    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--batch", type=cli.positive_int, default=batch)
     p.add_argument("--cfg", type=float, default=cfg, help=cfg_help)
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--device", type=cli.device_arg, default=cli.default_device())
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (the median is reported)")
+    p.add_argument("--repeats", type=cli.positive_int, default=3,
+                   help="timed runs after one warm-up (the median is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     return p
 

@@ -28,7 +28,7 @@ def main() -> int:
     p.add_argument("--encoder", required=True, choices=["hf-clip", "open_clip", "t5", "tiny", "minilm"])
     p.add_argument("--encoder-path", default=None)
     p.add_argument("--cache", required=True)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=cli.positive_int, default=256)
     p.add_argument("--device", type=cli.device_arg, default="cpu")
     args = p.parse_args()
     encoder = build_text_encoder(args.encoder, args.encoder_path).to(args.device)

@@ -137,7 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--no-sampler", action="store_true")
     p.add_argument("--sampler-schedule", default="official-1024")
     p.add_argument("--seed", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=6)
+    p.add_argument("--batch-size", type=cli.positive_int, default=6)
     p.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--clip-model", default="ViT-L-14")
     p.add_argument("--clip-weights", help="local open_clip checkpoint of --clip-model")

@@ -28,10 +28,10 @@ def main() -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--vqvae", help="our checkpoint directory (vqvae.safetensors + config.json)")
     src.add_argument("--config", help="a run config: evaluate a freshly initialised VQ-VAE (seed --seed)")
-    p.add_argument("--count", type=int, default=256)
+    p.add_argument("--count", type=cli.positive_int, default=256)
     p.add_argument("--split", default="heldout", choices=["train", "heldout"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=cli.positive_int, default=64)
     p.add_argument("--out", type=Path, help="also write the JSON report to this file")
     args = p.parse_args()
     if args.vqvae:

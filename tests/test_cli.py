@@ -109,3 +109,13 @@ def test_device_flags_are_checked_before_anything_loads(device, expected, monkey
     err = capsys.readouterr().err
     assert "argument --device" in err and expected in err and "Traceback" not in err
     assert cli.device_arg("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("flag, value, expected", [("--num-images", "0", "must be at least 1, got 0"),
+                                                   ("--batch-size", "two", "'two' is not an integer")])
+def test_counts_must_be_positive_integers(flag, value, expected, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--prompt", "a", "--out", "unused", flag, value])
+    with pytest.raises(SystemExit) as stop:
+        sample.main()
+    assert stop.value.code == 2 and f"argument {flag}: {expected}" in capsys.readouterr().err
+    assert cli.positive_int("3") == 3

@@ -37,6 +37,17 @@ def device_arg(text: str) -> str:
     return text
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` of counts and sizes that must be at least 1 (images, batch sizes, repetitions)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
