@@ -2,6 +2,7 @@
 
 A bad config, an unusable checkpoint or a missing file is the user's to fix, and the message says how; the
 traceback only buries it. ``STAR_TRACEBACK=1`` shows the traceback anyway. Other exceptions (bugs) propagate.
+``device_arg`` and ``positive_int`` are argparse types that refuse a bad flag before anything loads.
 """
 from __future__ import annotations
 
