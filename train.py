@@ -7,6 +7,8 @@
 
 The stage ("vqvae", "star" or "sampler") comes from the config (train_sampler.py insists on "sampler").
 Re-running the same command resumes from the newest valid checkpoint in loop.out_dir (loop.resume=auto).
+SIGTERM, SIGUSR1 or Ctrl-C stop the run after the current step with a checkpoint (exit code 128 + signal number;
+a second Ctrl-C stops at once): see trainer/stop.py.
 """
 import sys
 
@@ -14,10 +16,12 @@ import torch
 
 from trainer.config import RunConfig
 from trainer.loop import train
+from trainer.stop import TrainingStopped
 from utils import cli, dist
 from utils.config import ConfigError, load_config
 from utils.data.dataset import ImageTransform, LMDBImageTextDataset, ShapesDataset
 from utils.data.shapes import MIN_RENDER_SIZE
+from utils.logging import get_logger
 
 
 def parse_args(argv: list[str]) -> RunConfig:
@@ -69,7 +73,12 @@ def main(argv: list[str], required_stage: str | None = None) -> int:
         from trainer.star_stage import StarStage
         stage = (SamplerStage if cfg.stage == "sampler" else StarStage)(cfg, device)
         resolution = stage.resolution
-    train(cfg, stage, build_dataset(cfg, resolution), device)
+    try:
+        train(cfg, stage, build_dataset(cfg, resolution), device)
+    except TrainingStopped as stopped:  # SIGTERM / SIGUSR1 / Ctrl-C: a checkpoint of this step was written
+        get_logger("star").warning("%s", stopped)
+        dist.destroy()
+        return stopped.exit_code
     dist.destroy()
     return 0
 

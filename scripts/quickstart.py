@@ -57,10 +57,20 @@ def run(cmd: list[str], log: Path) -> None:
     print(f"[quickstart] $ {' '.join(cmd)}", flush=True)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     with open(log, "a") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            returncode = proc.wait()
+        except KeyboardInterrupt:  # the stage got the Ctrl-C too (one process group); a training stage checkpoints
+            print("[quickstart] Ctrl-C: the stage finishes its step and writes a checkpoint (Ctrl-C again: abort)",
+                  flush=True)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.wait()
+            raise SystemExit("[quickstart] interrupted; run the same command again to resume") from None
+    if returncode != 0:
         tail = log.read_text()[-3000:]
-        raise SystemExit(f"[quickstart] failed (exit {proc.returncode}): {' '.join(cmd)}\n--- {log} (end) ---\n{tail}")
+        raise SystemExit(f"[quickstart] failed (exit {returncode}): {' '.join(cmd)}\n--- {log} (end) ---\n{tail}")
 
 
 def main(argv=None) -> int:

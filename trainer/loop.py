@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import resource
+import signal
 import time
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +26,8 @@ from tqdm import tqdm
 from models.checkpoint import atomic_save
 from trainer.config import RunConfig
 from trainer.optim import EMA, build_optimizer, lr_factor
-from trainer.state import find_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.state import checkpoint_path, find_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.stop import StopRequest, TrainingStopped
 from utils import dist
 from utils.config import ConfigError, to_dict
 from utils.data.dataset import DistributedResumableSampler
@@ -187,7 +189,10 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             tdist.all_reduce(counts)
         skipped_records, skipped_pending = skipped_records + int(counts.item()), 0
 
+    saved_step = step if resumed is not None else -1  # the step of the newest checkpoint on disk
+
     def checkpoint():
+        nonlocal saved_step
         if budget_state == "planned" and step > planned_at:  # the first checkpoint after the first plan
             plan_budget()
         if reports_skips:
@@ -208,6 +213,18 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             path = save_checkpoint(out_dir, step, payload, loop.keep_last)
             log.info("saved %s", path)
         dist.barrier()
+        saved_step = step
+
+    def stop(signum: int) -> None:
+        """A stop signal reached some rank: checkpoint this step (unless just done) and end the run on every rank."""
+        if rank == 0:
+            log.warning("%s received: stopping at step %d", signal.Signals(signum).name, step)
+        if saved_step != step:
+            checkpoint()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        raise TrainingStopped(signum, step, str(checkpoint_path(out_dir, step)))
 
     def plan_budget() -> None:
         """Set loop.steps from the mean speed since the timing window opened (the slowest rank's, so that all
@@ -237,92 +254,100 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
     t_window, images_window, tokens_window, flops_window = time.time(), 0, 0.0, 0.0
     bar = tqdm(total=loop.steps, initial=step, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
     trained.train()
-    while step < loop.steps:
-        lr = optim_cfg.lr * lr_factor(step, loop.steps, optim_cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        metrics_sum: dict[str, float] = {}
-        loss_value = 0.0
-        for micro in range(optim_cfg.grad_accum):
-            batch = next(data)
-            sync = micro == optim_cfg.grad_accum - 1
-            ctx = trained.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-            with ctx:
-                with _autocast(device, loop.precision):
-                    loss, metrics = stage.loss(trained, batch)
-                scaler.scale(loss / optim_cfg.grad_accum).backward()
-            loss_value += loss.item() / optim_cfg.grad_accum
-            tokens_window += metrics.pop("tokens", 0.0) * world  # stages that predict tokens report them
-            flops_window += metrics.pop("flops", 0.0)  # this rank's model FLOPs (stages with a formula report them)
-            for k, v in metrics.items():
-                metrics_sum[k] = metrics_sum.get(k, 0.0) + v / optim_cfg.grad_accum
-            images_window += len(batch["image"]) * world
-            if "skipped" in batch:  # LMDB items say whether their record was unreadable (and the next one served)
-                reports_skips, skipped_pending = True, skipped_pending + int(batch["skipped"].sum())
-        # Every rank skips the step if any rank's loss is non-finite: ranks that stepped alone would drift apart
-        # and fall out of step with the others' collectives.
-        bad = "loss" if not dist.all_ranks_agree(math.isfinite(loss_value), device) else None
-        if bad is None:
-            scaler.unscale_(optimizer)
-            params = [p for p in model.parameters() if p.requires_grad]
-            max_norm = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            # A finite loss can still have non-finite gradients; AdamW would write them into every weight. (The
-            # gradients are already averaged over ranks, so all ranks see the same norm. Under fp16 the
-            # GradScaler skips such steps itself and lowers its scale: overflow there is routine.)
-            if loop.precision != "fp16" and not torch.isfinite(grad_norm):
-                bad = "gradient"
-        if bad is not None:
+    with StopRequest() as stop_request:
+        while step < loop.steps:
+            lr = optim_cfg.lr * lr_factor(step, loop.steps, optim_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            metrics_sum: dict[str, float] = {}
+            loss_value = 0.0
+            for micro in range(optim_cfg.grad_accum):
+                batch = next(data)
+                sync = micro == optim_cfg.grad_accum - 1
+                ctx = trained.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+                with ctx:
+                    with _autocast(device, loop.precision):
+                        loss, metrics = stage.loss(trained, batch)
+                    scaler.scale(loss / optim_cfg.grad_accum).backward()
+                loss_value += loss.item() / optim_cfg.grad_accum
+                tokens_window += metrics.pop("tokens", 0.0) * world  # stages that predict tokens report them
+                flops_window += metrics.pop("flops", 0.0)  # this rank's model FLOPs (stages with a formula report them)
+                for k, v in metrics.items():
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + v / optim_cfg.grad_accum
+                images_window += len(batch["image"]) * world
+                if "skipped" in batch:  # LMDB items say whether their record was unreadable (and the next one served)
+                    reports_skips, skipped_pending = True, skipped_pending + int(batch["skipped"].sum())
+            # Every rank skips the step if any rank's loss is non-finite (ranks that stepped alone would drift apart
+            # and fall out of step with the others' collectives), and every rank stops after this step if any rank
+            # got a stop signal (one all-reduce for both).
+            nonfinite, stop_signum = dist.max_over_ranks([float(not math.isfinite(loss_value)),
+                                                          float(stop_request.signum)], device)
+            bad = "loss" if nonfinite else None
+            if bad is None:
+                scaler.unscale_(optimizer)
+                params = [p for p in model.parameters() if p.requires_grad]
+                max_norm = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                # A finite loss can still have non-finite gradients; AdamW would write them into every weight. (The
+                # gradients are already averaged over ranks, so all ranks see the same norm. Under fp16 the
+                # GradScaler skips such steps itself and lowers its scale: overflow there is routine.)
+                if loop.precision != "fp16" and not torch.isfinite(grad_norm):
+                    bad = "gradient"
+            if bad is not None:
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_in_row += 1
+                if loop.precision == "fp16":
+                    scaler.update(scaler.get_scale() / 2)
+                log.warning("non-finite %s at step %d (%d in a row); step skipped", bad, step, nonfinite_in_row)
+                if nonfinite_in_row >= loop.max_nonfinite:
+                    raise NonFiniteLossError(f"{nonfinite_in_row} non-finite losses or gradients in a row at step "
+                                             f"{step}; the last good checkpoint in {out_dir} is kept. Lower the LR or "
+                                             "use fp32/bf16.")
+                if stop_signum:
+                    stop(int(stop_signum))
+                continue
+            nonfinite_in_row = 0
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            nonfinite_in_row += 1
-            if loop.precision == "fp16":
-                scaler.update(scaler.get_scale() / 2)
-            log.warning("non-finite %s at step %d (%d in a row); step skipped", bad, step, nonfinite_in_row)
-            if nonfinite_in_row >= loop.max_nonfinite:
-                raise NonFiniteLossError(f"{nonfinite_in_row} non-finite losses or gradients in a row at step "
-                                         f"{step}; the last good checkpoint in {out_dir} is kept. Lower the LR or "
-                                         "use fp32/bf16.")
-            continue
-        nonfinite_in_row = 0
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model)
-        step += 1
-        stage.after_step(step, metrics_sum)
-        bar.update(1)
-        if budget_state == "timing":
-            first, last_timed = BUDGET_TIMED_STEPS
-            if timed_from is None and step >= first:
-                timed_from = (step, time.time())
-            elif timed_from is not None and step - timed_from[0] >= last_timed - first:
-                plan_budget()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            stage.after_step(step, metrics_sum)
+            bar.update(1)
+            if budget_state == "timing":
+                first, last_timed = BUDGET_TIMED_STEPS
+                if timed_from is None and step >= first:
+                    timed_from = (step, time.time())
+                elif timed_from is not None and step - timed_from[0] >= last_timed - first:
+                    plan_budget()
 
-        if step % loop.log_every == 0 or step == loop.steps:
-            elapsed = time.time() - t_window
-            last = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                    "images_per_s": images_window / max(elapsed, 1e-9), **metrics_sum,
-                    **({"tokens_per_s": tokens_window / max(elapsed, 1e-9)} if tokens_window else {}),
-                    **({"tflops_per_s_per_rank": flops_window / max(elapsed, 1e-9) / 1e12} if flops_window else {}),
-                    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
-            if reports_skips:
-                count_skipped_records()
-                last["skipped_records"] = skipped_records
-            if device.type == "cuda":
-                last["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            t_window, images_window, tokens_window, flops_window = time.time(), 0, 0.0, 0.0
-            if rank == 0:
-                with open(history_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                for k, v in last.items():
-                    if k not in ("step", "epoch"):
-                        writer.add_scalar(f"train/{k}", v, step)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if loop.sample_every and step % loop.sample_every == 0 and rank == 0:
-            stage.sample(step, out_dir, writer)
-        if step % loop.ckpt_every == 0 or step == loop.steps:
-            checkpoint()
+            if step % loop.log_every == 0 or step == loop.steps:
+                elapsed = time.time() - t_window
+                last = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                        "images_per_s": images_window / max(elapsed, 1e-9), **metrics_sum,
+                        **({"tokens_per_s": tokens_window / max(elapsed, 1e-9)} if tokens_window else {}),
+                        **({"tflops_per_s_per_rank": flops_window / max(elapsed, 1e-9) / 1e12} if flops_window else {}),
+                        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+                if reports_skips:
+                    count_skipped_records()
+                    last["skipped_records"] = skipped_records
+                if device.type == "cuda":
+                    last["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                t_window, images_window, tokens_window, flops_window = time.time(), 0, 0.0, 0.0
+                if rank == 0:
+                    with open(history_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    for k, v in last.items():
+                        if k not in ("step", "epoch"):
+                            writer.add_scalar(f"train/{k}", v, step)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if loop.sample_every and step % loop.sample_every == 0 and rank == 0:
+                stage.sample(step, out_dir, writer)
+            if step % loop.ckpt_every == 0 or step == loop.steps:
+                checkpoint()
+            if stop_signum and step < loop.steps:
+                stop(int(stop_signum))
     bar.close()
     if rank == 0:
         stage.export(out_dir / "final", ema.state_dict() if ema else None)

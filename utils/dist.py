@@ -84,13 +84,14 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_ranks_agree(flag: bool, device: torch.device) -> bool:
-    """True only if ``flag`` is true on every rank (one small all-reduce); ``flag`` itself in a single process."""
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """The element-wise maximum of ``values`` over all ranks (one small all-reduce); ``values`` in a single
+    process. For flags every rank must act on alike: "any rank saw a non-finite loss", "a rank got a signal"."""
     if not (is_initialized() and get_world_size() > 1):
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() == 0
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def destroy() -> None:
