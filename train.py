@@ -45,17 +45,23 @@ def parse_args(argv: list[str]) -> RunConfig:
     return load_config(RunConfig, config_path, overrides)
 
 
-def build_dataset(cfg: RunConfig, resolution: int):
+def build_dataset(cfg: RunConfig, resolution: int, validation: bool = False):
+    """The training set, or with ``validation`` the held-out set of ``loop.eval_every`` (no augmentation, no
+    caption dropout; for shapes, the attribute combinations training never draws)."""
     d = cfg.data
-    transform = ImageTransform(resolution, random_crop=d.random_crop, hflip=d.hflip)
+    transform = ImageTransform(resolution) if validation else \
+        ImageTransform(resolution, random_crop=d.random_crop, hflip=d.hflip)
+    caption_dropout = 0.0 if validation else d.caption_dropout
     if d.source == "shapes":
         if resolution < MIN_RENDER_SIZE:  # the VQ-VAE's image size: patch_nums[-1] x 2^(len(ch_mult) - 1)
             raise ConfigError(f"the shapes data set draws images of {MIN_RENDER_SIZE} px or more; this VQ-VAE's "
                               f"are {resolution} px")
-        return ShapesDataset(d.shapes_count, transform, "train", d.shapes_seed, d.shapes_texture, d.caption_dropout,
+        count, split = (cfg.loop.eval_samples, "heldout") if validation else (d.shapes_count, "train")
+        return ShapesDataset(count, transform, split, d.shapes_seed, d.shapes_texture, caption_dropout,
                              seed=cfg.loop.seed)
-    return LMDBImageTextDataset(d.lmdb_dirs, transform, tuple(d.caption_keys) if d.caption_keys else None,
-                                d.caption_dropout, d.min_side, d.max_aspect, seed=cfg.loop.seed)
+    return LMDBImageTextDataset(d.val_lmdb_dirs if validation else d.lmdb_dirs, transform,
+                                tuple(d.caption_keys) if d.caption_keys else None, caption_dropout, d.min_side,
+                                d.max_aspect, seed=cfg.loop.seed)
 
 
 def main(argv: list[str], required_stage: str | None = None) -> int:
@@ -74,7 +80,8 @@ def main(argv: list[str], required_stage: str | None = None) -> int:
         stage = (SamplerStage if cfg.stage == "sampler" else StarStage)(cfg, device)
         resolution = stage.resolution
     try:
-        train(cfg, stage, build_dataset(cfg, resolution), device)
+        val_dataset = build_dataset(cfg, resolution, validation=True) if cfg.loop.eval_every else None
+        train(cfg, stage, build_dataset(cfg, resolution), device, val_dataset)
     except TrainingStopped as stopped:  # SIGTERM / SIGUSR1 / Ctrl-C: a checkpoint of this step was written
         get_logger("star").warning("%s", stopped)
         dist.destroy()

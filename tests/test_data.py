@@ -52,6 +52,21 @@ def test_pack_folder_counts_and_dataset(photo_folder, tmp_path):
     assert again["shards_written"] == 0 and again["shards_reused"] == 3 and again["packed"] == 6
 
 
+def test_records_of_two_folders_with_the_same_file_names_stay_distinct(tmp_path):
+    # Two photo folders packed separately both hold "a.png": the items' source ids collide, their record numbers
+    # (what the token cache keys on) must not, or a cache would serve one image's tokens for the other.
+    for name, color in (("one", (250, 0, 0)), ("two", (0, 0, 250))):
+        (tmp_path / name).mkdir()
+        _image(tmp_path / name / "a.png", color=color)
+        (tmp_path / name / "a.txt").write_text(f"photo from {name}")
+        pack(folder_items(tmp_path / name), tmp_path / f"packed_{name}", PackOptions())
+    ds = LMDBImageTextDataset([tmp_path / "packed_one", tmp_path / "packed_two"], ImageTransform(32))
+    items = [ds[0], ds[1]]
+    assert items[0]["key"] == items[1]["key"] == "a.png"
+    assert items[0]["record"] != items[1]["record"]
+    assert items[0]["image"][0].mean() > 0.9 and items[1]["image"][2].mean() > 0.9  # red, then blue
+
+
 def test_manifest_jsonl_and_csv(tmp_path):
     for i in range(3):
         _image(tmp_path / f"m{i}.png")

@@ -29,12 +29,12 @@ def test_cached_tokens_equal_fresh_ones_and_only_new_records_are_encoded(tmp_pat
     stage.encode_tokens = counting_encode
     images = torch.rand(6, 3, 8, 8) * 2 - 1
     reference = StarStage.encode_tokens(stage, images)                     # (6, 21) without any cache
-    first = {"image": images[:4], "key": ["a", "b", "c", "d"], "caption": [""] * 4}
-    gt, var_input = stage.tokens(first)
+    first = {"image": images[:4], "record": torch.tensor([0, 1, 2, 3]), "caption": [""] * 4}
+    gt, var_input = stage.tokens(first, stage.token_cache)
     assert encoded == [4] and torch.equal(gt, reference[:4])
     # a later batch: two records seen before (in another order), two new ones
-    second = {"image": images[[5, 1, 4, 0]], "key": ["f", "b", "e", "a"], "caption": [""] * 4}
-    gt2, var_input2 = stage.tokens(second)
+    second = {"image": images[[5, 1, 4, 0]], "record": torch.tensor([5, 1, 4, 0]), "caption": [""] * 4}
+    gt2, var_input2 = stage.tokens(second, stage.token_cache)
     assert encoded == [4, 2] and torch.equal(gt2, reference[[5, 1, 4, 0]])
     assert torch.equal(var_input2[1], var_input[1]) and torch.equal(var_input2[3], var_input[0])
     assert len(stage.token_cache.tokens) == 6

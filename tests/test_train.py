@@ -62,7 +62,8 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path, vqvae_d
 
 
 def test_ddp_two_ranks_match_single_process(tmp_path, vqvae_dir):
-    common = {"model.drop_path_rate": 0.0, "loop.ckpt_every": 100, "data.caption_dropout": 0.0}
+    common = {"model.drop_path_rate": 0.0, "loop.ckpt_every": 100, "data.caption_dropout": 0.0,
+              "loop.eval_every": 2, "loop.eval_samples": 6}
     single = run_train(star_overrides(tmp_path / "one", vqvae_dir, 4, **common))
     assert single.returncode == 0, single.stderr[-3000:]
     # The DDP run also recomputes its blocks in the backward pass (activation checkpointing, exact on its own:
@@ -72,6 +73,11 @@ def test_ddp_two_ranks_match_single_process(tmp_path, vqvae_dir):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
+    # Validation splits the 6 held-out samples over the ranks and averages over all of them.
+    val_one, val_two = ({r["step"]: r["val_loss"] for r in history(tmp_path / d) if "val_loss" in r}
+                        for d in ("one", "two"))
+    assert sorted(val_one) == sorted(val_two) == [2, 4]
+    assert all(abs(val_one[s] - val_two[s]) < 1e-5 * val_one[s] for s in (2, 4)), (val_one, val_two)
     # the two ranks' weights were identical: rank 0 saved; check rank 1 agreed via the saved all-gathered RNG
     ckpt = torch.load(tmp_path / "two" / "ckpt-00000004.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2

@@ -56,9 +56,13 @@ def test_only_the_head_learns_and_loss_falls(tmp_path, dirs, init_from_backbone)
 
 
 def test_resume_is_bit_identical(tmp_path, dirs):
-    args = sampler_args(tmp_path / "run", dirs, 8, **{"loop.ckpt_every": 4})
+    # With validation every 4 steps: it must not disturb training, and it hides the same tokens every time.
+    args = sampler_args(tmp_path / "run", dirs, 8, **{"loop.ckpt_every": 4, "loop.eval_every": 4,
+                                                       "loop.eval_samples": 6})
     assert run_train(args, script="train_sampler.py").returncode == 0
     reference = load_file(str(tmp_path / "run" / "final" / "sampler.safetensors"))
+    validation = {row["step"]: row["val_loss"] for row in history(tmp_path / "run") if "val_loss" in row}
+    assert sorted(validation) == [4, 8] and validation[4] != validation[8]
     # Forget everything after step 4 and run the same command again: it resumes from ckpt-4.
     (tmp_path / "run" / "ckpt-00000008.pt").unlink()
     for f in (tmp_path / "run" / "final").iterdir():
@@ -67,6 +71,7 @@ def test_resume_is_bit_identical(tmp_path, dirs):
     assert resumed.returncode == 0 and "step 4" in resumed.stderr, resumed.stderr[-3000:]
     again = load_file(str(tmp_path / "run" / "final" / "sampler.safetensors"))
     assert all(torch.equal(reference[k], again[k]) for k in reference)
+    assert [row["val_loss"] for row in history(tmp_path / "run") if row["step"] == 8] == [validation[8]]
 
 
 def test_ddp_ranks_stay_identical(tmp_path, dirs):

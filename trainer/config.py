@@ -13,6 +13,7 @@ from utils.config import ConfigError
 class DataConfig:
     source: str = "shapes"                 # "shapes" (rendered on the fly) or "lmdb" (packed shards)
     lmdb_dirs: list[str] = field(default_factory=list)
+    val_lmdb_dirs: list[str] = field(default_factory=list)  # lmdb: held-out data for loop.eval_every
     shapes_count: int = 20000              # shapes: number of distinct training samples
     shapes_seed: int = 0
     shapes_texture: float = 0.0
@@ -82,10 +83,17 @@ class LoopConfig:
     # the speed of the first steps, revised once at the next checkpoint (trainer.loop.BUDGET_TIMED_STEPS) and
     # then kept, resume included.
     time_budget_s: float = 0.0
+    # > 0: every this many steps (and at the last), the stage's validation metrics (loss, accuracy or PSNR) on
+    # the first eval_samples samples of the validation set: data.val_lmdb_dirs, or for the shapes source its
+    # held-out attribute combinations. Logged as val_* (log.txt) and val/* (TensorBoard).
+    eval_every: int = 0
+    eval_samples: int = 512
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"loop.precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.eval_every < 0 or self.eval_samples < 1:
+            raise ConfigError("loop.eval_every must be >= 0 (0: no validation) and loop.eval_samples >= 1")
         if self.time_budget_s < 0:
             raise ConfigError("loop.time_budget_s must be >= 0 (0: no budget, train loop.steps steps)")
 
@@ -203,6 +211,9 @@ class RunConfig:
         if self.stage != "vqvae" and self.star_train.token_cache and (self.data.random_crop > 0 or self.data.hflip):
             raise ConfigError("star_train.token_cache keeps one set of tokens per record, but data.random_crop / "
                               "data.hflip give a different image at every visit: turn one or the other off")
+        if self.loop.eval_every and self.data.source == "lmdb" and not self.data.val_lmdb_dirs:
+            raise ConfigError("loop.eval_every needs validation data: --data.val_lmdb_dirs=<folders written by "
+                              "test_pack.py from held-out images> (or --loop.eval_every=0)")
         if self.stage != "vqvae" and tuple(self.model.patch_nums) != tuple(self.vqvae.patch_nums):
             raise ConfigError(f"model.patch_nums {self.model.patch_nums} != vqvae.patch_nums {self.vqvae.patch_nums}")
 

@@ -39,6 +39,8 @@ class Stage(Protocol):
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
 
+    def evaluate(self, model: nn.Module, batch: dict) -> dict[str, float]: ...  # validation means, no side effects
+
     def after_step(self, step: int, metrics: dict) -> None: ...
 
     def sample(self, step: int, out_dir: Path, writer) -> None: ...
@@ -77,9 +79,11 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
-def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) -> dict:
+def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
+          val_dataset: Dataset | None = None) -> dict:
     """Run (or resume) training; returns the final metrics. ``dataset`` items are dicts with ``image``/``caption``.
-    With ``loop.time_budget_s`` the chosen step count is written into ``cfg.loop.steps``."""
+    With ``loop.time_budget_s`` the chosen step count is written into ``cfg.loop.steps``. ``val_dataset``: the
+    validation set of ``loop.eval_every``."""
     t_start = time.time()
     loop, optim_cfg = cfg.loop, cfg.optim
     out_dir = Path(loop.out_dir)
@@ -174,6 +178,33 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
                 batches_in_epoch += 1
                 yield batch
             epoch, batches_in_epoch = epoch + 1, 0
+
+    val_loader = None
+    if val_dataset is not None and loop.eval_every:
+        # The first eval_samples samples in order, split over the ranks (padded by wrapping, as the training sampler,
+        # so that every rank has the same number).
+        val_count = min(loop.eval_samples, len(val_dataset))
+        val_loader = DataLoader(val_dataset, batch_size=per_step, num_workers=cfg.data.workers,
+                                sampler=DistributedResumableSampler(val_count, rank, world, shuffle=False))
+
+    def evaluate() -> dict[str, float]:
+        """The stage's validation metrics, averaged over samples and ranks: eval mode, no gradients, a fixed RNG (the
+        same random draws at every evaluation; the training RNG is untouched)."""
+        model.eval()
+        sums: dict[str, float] = {}
+        count = 0
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                _autocast(device, loop.precision):
+            torch.manual_seed(loop.seed)
+            for batch in val_loader:
+                n = len(batch["image"])
+                for k, v in stage.evaluate(model, batch).items():
+                    sums[k] = sums.get(k, 0.0) + v * n
+                count += n
+        model.train()
+        keys = sorted(sums)
+        totals = dist.reduce_over_ranks([sums[k] for k in keys] + [count], device)
+        return {f"val_{k}": v / totals[-1] for k, v in zip(keys, totals[:-1])}
 
     writer = None
     if rank == 0:
@@ -280,8 +311,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
             # Every rank skips the step if any rank's loss is non-finite (ranks that stepped alone would drift apart
             # and fall out of step with the others' collectives), and every rank stops after this step if any rank
             # got a stop signal (one all-reduce for both).
-            nonfinite, stop_signum = dist.max_over_ranks([float(not math.isfinite(loss_value)),
-                                                          float(stop_request.signum)], device)
+            nonfinite, stop_signum = dist.reduce_over_ranks([float(not math.isfinite(loss_value)),
+                                                             float(stop_request.signum)], device, op="max")
             bad = "loss" if nonfinite else None
             if bad is None:
                 scaler.unscale_(optimizer)
@@ -322,13 +353,22 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
                 elif timed_from is not None and step - timed_from[0] >= last_timed - first:
                     plan_budget()
 
-            if step % loop.log_every == 0 or step == loop.steps:
+            evaluated = val_loader is not None and (step % loop.eval_every == 0 or step == loop.steps)
+            val_metrics = {}
+            if evaluated:
+                t_eval = time.time()
+                val_metrics = evaluate()
+                t_window += time.time() - t_eval  # images/s and TFLOP/s count training time only
+            if val_metrics and rank == 0:
+                summary = sorted((k != "val_loss", k[4:], v) for k, v in val_metrics.items() if "_scale" not in k)
+                log.info("step %d validation: %s", step, ", ".join(f"{name} {v:.4g}" for _, name, v in summary))
+            if step % loop.log_every == 0 or step == loop.steps or evaluated:
                 elapsed = time.time() - t_window
                 last = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                         "images_per_s": images_window / max(elapsed, 1e-9), **metrics_sum,
                         **({"tokens_per_s": tokens_window / max(elapsed, 1e-9)} if tokens_window else {}),
                         **({"tflops_per_s_per_rank": flops_window / max(elapsed, 1e-9) / 1e12} if flops_window else {}),
-                        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+                        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, **val_metrics}
                 if reports_skips:
                     count_skipped_records()
                     last["skipped_records"] = skipped_records
@@ -340,7 +380,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device) 
                         f.write(json.dumps(last) + "\n")
                     for k, v in last.items():
                         if k not in ("step", "epoch"):
-                            writer.add_scalar(f"train/{k}", v, step)
+                            writer.add_scalar(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}", v, step)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if loop.sample_every and step % loop.sample_every == 0 and rank == 0:
                 stage.sample(step, out_dir, writer)
@@ -388,8 +428,12 @@ def plot_loss_curve(history_path: Path, png: Path) -> None:
     extra = next((k for k in ("acc", "psnr") if k in rows[-1]), None)
     fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(10 if extra else 5, 3.5), squeeze=False)
     steps = [r["step"] for r in rows]
-    axes[0][0].plot(steps, [r["loss"] for r in rows])
-    axes[0][0].set(xlabel="step", ylabel="loss", title="training loss")
+    axes[0][0].plot(steps, [r["loss"] for r in rows], label="training")
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        axes[0][0].plot(*zip(*val), "o-", label="validation")
+        axes[0][0].legend()
+    axes[0][0].set(xlabel="step", ylabel="loss", title="loss")
     if extra:
         axes[0][1].plot(steps, [r[extra] for r in rows], color="tab:orange")
         axes[0][1].set(xlabel="step", ylabel=extra, title=extra)

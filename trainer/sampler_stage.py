@@ -42,8 +42,17 @@ class SamplerStage(StarStage):
         self.attn_mask = self.model.training_mask(self.backbone)
 
     def loss(self, model: nn.Module, batch: dict):
-        gt, var_input = self.tokens(batch)
-        text_hidden, text_mask, pooled = (t.to(self.device) for t in self.text.encode(list(batch["caption"])))
+        return self.masked_loss(model, batch, self.token_cache)
+
+    def evaluate(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        """Validation: the training loss and ``acc_hidden`` (the loop fixes the RNG, so every evaluation hides the
+        same tokens)."""
+        loss, metrics = self.masked_loss(model, batch, self.val_token_cache)
+        return {"loss": loss.item(), "acc_hidden": metrics["acc_hidden"]}
+
+    def masked_loss(self, model: nn.Module, batch: dict, cache) -> tuple[torch.Tensor, dict[str, float]]:
+        gt, var_input = self.tokens(batch, cache)
+        text_hidden, text_mask, pooled = self.text_features(batch)
         with torch.no_grad():
             _, hidden = self.backbone(var_input, text_hidden, text_mask, pooled)
         target, hidden = gt[:, self.begin:], hidden[:, self.begin:]

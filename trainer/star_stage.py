@@ -53,10 +53,11 @@ class TokenCache:
 
     def __init__(self, vocab_size: int):
         self.dtype = torch.int16 if vocab_size <= 2 ** 15 else torch.int32
-        self.tokens: dict[str, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor] = {}
 
-    def lookup(self, keys: list[str], images: torch.Tensor, encode) -> torch.Tensor:
-        """Tokens (B, L) int64 on the CPU for records ``keys``; ``encode(images[missing]) -> (n, L)`` fills gaps."""
+    def lookup(self, keys: list[int], images: torch.Tensor, encode) -> torch.Tensor:
+        """Tokens (B, L) int64 on the CPU for records ``keys`` (the data set's record numbers, unique within it,
+        unlike the records' source ids); ``encode(images[missing]) -> (n, L)`` fills gaps."""
         missing = [i for i, key in enumerate(keys) if key not in self.tokens]
         if missing:
             fresh = encode(images[missing]).cpu().to(self.dtype)
@@ -86,15 +87,18 @@ class StarStage:
         self.resolution = self.vqvae.cfg.image_size
         self.scale_of_token = torch.cat([torch.full((pn * pn,), s) for s, pn in enumerate(cfg.model.patch_nums)])
         self.scale_sizes = [pn * pn for pn in cfg.model.patch_nums]
+        # One cache per data set: record numbers are unique within a data set only.
         self.token_cache = TokenCache(cfg.model.vocab_size) if cfg.star_train.token_cache else None
+        self.val_token_cache = TokenCache(cfg.model.vocab_size) if cfg.star_train.token_cache else None
 
-    def tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ground-truth tokens (B, L) of the batch's images and the transformer's input (B, L-1, Cvae)."""
+    def tokens(self, batch: dict, cache: TokenCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ground-truth tokens (B, L) of the batch's images and the transformer's input (B, L-1, Cvae), through
+        ``cache`` (the data set's token cache, if any)."""
         img = batch["image"]
-        if self.token_cache is None:
+        if cache is None:
             gt = self.encode_tokens(img)
         else:
-            gt = self.token_cache.lookup(list(batch["key"]), img, self.encode_tokens).to(self.device)
+            gt = cache.lookup(batch["record"].tolist(), img, self.encode_tokens).to(self.device)
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             return gt, self.vqvae.idx_to_var_input(list(gt.split(self.scale_sizes, dim=1)))
 
@@ -129,9 +133,12 @@ class StarStage:
             begin += pn * pn
         return keep
 
+    def text_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(t.to(self.device) for t in self.text.encode(list(batch["caption"])))
+
     def loss(self, model: nn.Module, batch: dict):
-        gt, var_input = self.tokens(batch)
-        hidden, mask, pooled = (t.to(self.device) for t in self.text.encode(list(batch["caption"])))
+        gt, var_input = self.tokens(batch, self.token_cache)
+        hidden, mask, pooled = self.text_features(batch)
         keep = self.keep_mask()
         if keep is None:
             logits, _ = model(var_input, hidden, mask, pooled)
@@ -140,23 +147,42 @@ class StarStage:
             keep = keep.to(gt.device)
             logits, _ = model(var_input, hidden, mask, pooled, keep=keep)
             gt, lvl = gt[:, keep], self.scale_of_token.to(gt.device)[keep]
-        V, smoothing = logits.shape[-1], self.cfg.optim.label_smoothing
-        if self.cfg.star_train.loss_weighting == "scale":  # the mean over scales of each scale's mean
-            ce = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), reduction="none", label_smoothing=smoothing)
-            loss = (ce.view(gt.shape) * scale_balanced_weights(lvl)).sum(1).mean()
-        else:  # the mean over tokens (official)
-            loss = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), label_smoothing=smoothing)
+        loss = self.weighted_cross_entropy(logits, gt, lvl, self.cfg.optim.label_smoothing)
         with torch.no_grad():
-            ce = F.cross_entropy(logits.reshape(-1, V).float(), gt.reshape(-1), reduction="none").view(gt.shape)
-            correct = (logits.argmax(-1) == gt).float()
-            metrics = {"acc": correct.mean().item()}
-            for s in range(len(self.cfg.model.patch_nums)):
-                sel = lvl == s
-                metrics[f"loss_scale{s}"] = ce[:, sel].mean().item()
-                metrics[f"acc_scale{s}"] = correct[:, sel].mean().item()
+            metrics = self.token_metrics(logits, gt, lvl)
             metrics["tokens"] = float(gt.numel())  # trained tokens in this micro-batch (the loop logs tokens/s)
             metrics["flops"] = float(star_training_flops(self.cfg.model, *gt.shape, hidden.shape[1]))
         return loss, metrics
+
+    def evaluate(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        """Validation: teacher-forced cross-entropy weighted as in training but without label smoothing (``loss``)
+        and the metrics of ``token_metrics``, on every token (no token dropping)."""
+        gt, var_input = self.tokens(batch, self.val_token_cache)
+        logits, _ = model(var_input, *self.text_features(batch))
+        lvl = self.scale_of_token.to(gt.device)
+        return {"loss": self.weighted_cross_entropy(logits, gt, lvl).item(), **self.token_metrics(logits, gt, lvl)}
+
+    def weighted_cross_entropy(self, logits: torch.Tensor, gt: torch.Tensor, lvl: torch.Tensor,
+                               label_smoothing: float = 0.0) -> torch.Tensor:
+        """logits (B, L, V), targets (B, L), each token's scale (L,) -> the loss of ``star_train.loss_weighting``."""
+        V = logits.shape[-1]
+        if self.cfg.star_train.loss_weighting == "scale":  # the mean over scales of each scale's mean
+            ce = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), reduction="none",
+                                 label_smoothing=label_smoothing)
+            return (ce.view(gt.shape) * scale_balanced_weights(lvl)).sum(1).mean()
+        return F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), label_smoothing=label_smoothing)  # official
+
+    def token_metrics(self, logits: torch.Tensor, gt: torch.Tensor, lvl: torch.Tensor) -> dict[str, float]:
+        """Accuracy overall, and cross-entropy and accuracy per scale (``loss_scale{s}``, ``acc_scale{s}``)."""
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), gt.reshape(-1),
+                             reduction="none").view(gt.shape)
+        correct = (logits.argmax(-1) == gt).float()
+        metrics = {"acc": correct.mean().item()}
+        for s in range(len(self.cfg.model.patch_nums)):
+            sel = lvl == s
+            metrics[f"loss_scale{s}"] = ce[:, sel].mean().item()
+            metrics[f"acc_scale{s}"] = correct[:, sel].mean().item()
+        return metrics
 
     def after_step(self, step: int, metrics: dict) -> None:
         pass

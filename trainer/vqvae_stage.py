@@ -66,11 +66,14 @@ class VQVAEStage:
         self._window_hits = torch.zeros(cfg.vqvae.vocab_size, device=device)  # stays on device: no sync
         self._fixed_batch = None
 
+    def reconstruction_loss(self, rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        return F.l1_loss(rec, img) if self.tcfg.recon == "l1" else F.mse_loss(rec, img)
+
     def loss(self, model: nn.Module, batch: dict):
         img = batch["image"].to(self.device, non_blocking=True)
         rec, vq_loss, hits, f = model(img)
         rec = rec.float()
-        recon = F.l1_loss(rec, img) if self.tcfg.recon == "l1" else F.mse_loss(rec, img)
+        recon = self.reconstruction_loss(rec, img)
         loss = recon + self.tcfg.vq_weight * vq_loss
         perceptual = None
         if self.perceptual is not None:
@@ -98,6 +101,16 @@ class VQVAEStage:
         if self._fixed_batch is None:
             self._fixed_batch = img[:8].detach().cpu()
         return loss, metrics
+
+    def evaluate(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        """Validation: reconstruction + VQ loss (``loss``; the perceptual and GAN terms left out), its parts and
+        PSNR. No codebook statistics are touched."""
+        img = batch["image"].to(self.device, non_blocking=True)
+        rec, vq_loss, _, _ = model(img)
+        rec = rec.float()
+        recon = self.reconstruction_loss(rec, img)
+        return {"loss": (recon + self.tcfg.vq_weight * vq_loss).item(), "recon": recon.item(), "vq": vq_loss.item(),
+                "psnr": psnr(rec, img)}
 
     def discriminator_step(self, img: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         """Update the discriminator (hinge loss, fp32, gradients averaged over ranks) and return the

@@ -84,13 +84,14 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """The element-wise maximum of ``values`` over all ranks (one small all-reduce); ``values`` in a single
-    process. For flags every rank must act on alike: "any rank saw a non-finite loss", "a rank got a signal"."""
+def reduce_over_ranks(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """The element-wise ``op`` ("sum" or "max") of ``values`` over all ranks, in float64 (one small all-reduce);
+    ``values`` themselves in a single process. "max" of flags every rank must act on alike: "a rank saw a
+    non-finite loss", "a rank got a signal"."""
     if not (is_initialized() and get_world_size() > 1):
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
 
 

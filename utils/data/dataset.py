@@ -2,9 +2,11 @@
 
 Every random choice of an item (crop, flip, caption field, caption dropout) comes from a generator seeded by
 (seed, epoch, index), so a run resumed mid-epoch sees exactly the same data as an uninterrupted one, with any
-number of DataLoader workers. Items: {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}, and from
-LMDB also "skipped": 1 if the index's own record was unreadable and the next readable one served instead, else 0
-(the training loop logs the running total as ``skipped_records``).
+number of DataLoader workers. Items: {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str (the
+source's id of the record, not necessarily unique across folders), "record": int (the record's number in this
+data set, unique: the token cache's key)}, and from LMDB also "skipped": 1 if the index's own record was
+unreadable and the next readable one served instead, else 0 (the training loop logs the running total as
+``skipped_records``).
 """
 from __future__ import annotations
 
@@ -117,7 +119,7 @@ class LMDBImageTextDataset(_CaptionedDataset):
                 continue
             rng = self.rng(i)
             return {"image": self.transform(img, rng), "caption": self.choose_caption(header["captions"], rng),
-                    "key": str(header.get("key", j)), "skipped": int(attempt > 0)}
+                    "key": str(header.get("key", j)), "record": j, "skipped": int(attempt > 0)}
         raise RuntimeError("no readable record in the data set")
 
 
@@ -139,7 +141,7 @@ class ShapesDataset(_CaptionedDataset):
         rng = self.rng(i)
         img = render(sample, self.transform.resolution, self.texture, seed=i)
         return {"image": self.transform(img, rng), "caption": self.choose_caption({"caption": sample.caption}, rng),
-                "key": f"shapes-{self.split}-{i}"}
+                "key": f"shapes-{self.split}-{i}", "record": i}
 
 
 class DistributedResumableSampler(Sampler[int]):
