@@ -29,7 +29,7 @@ from trainer.optim import EMA, build_optimizer, lr_factor
 from trainer.state import checkpoint_path, find_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.stop import StopRequest, TrainingStopped
 from utils import dist
-from utils.config import ConfigError, to_dict
+from utils.config import ConfigError, config_changes, to_dict
 from utils.data.dataset import DistributedResumableSampler
 from utils.logging import get_logger
 
@@ -115,7 +115,18 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
         resumed = (Path(loop.resume), load_checkpoint(loop.resume))
     if resumed is not None:
         path, ckpt = resumed
-        model.load_state_dict(ckpt["model"])
+        saved_config = json.loads(ckpt["config"]) if ckpt.get("config") else None
+        changes = config_changes(saved_config, to_dict(cfg)) if saved_config else []
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # another architecture: say which settings changed, not which tensors are missing
+            details = [line.strip() for line in str(e).strip().splitlines()[1:]] or [str(e)]
+            reason = details[0] if len(details[0]) <= 160 else details[0][:157] + "..."
+            raise ConfigError(f"{path} does not fit this model ({reason}). Settings changed since it was written: "
+                              f"{'; '.join(changes) or 'none'}. Resume with its settings, or train into another "
+                              "--loop.out_dir") from None
+        if changes:
+            log.warning("resuming with settings changed since the checkpoint: %s", "; ".join(changes))
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema") is not None:

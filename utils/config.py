@@ -127,6 +127,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"section.key: old -> new"`` for every setting that differs between two ``to_dict`` results (a key
+    present in one only shows as missing in the other)."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
 def to_json(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2)
 

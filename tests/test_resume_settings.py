@@ -1,0 +1,23 @@
+"""Resuming with other settings: a warning that lists them, or a clear error when the model no longer fits."""
+from tests.train_helpers import make_vqvae_dir, run_train, star_overrides
+from utils.config import config_changes
+
+
+def test_config_changes_lists_every_differing_setting():
+    old = {"model": {"depth": 2, "width": 64}, "optim": {"lr": 0.003}, "stage": "star"}
+    new = {"model": {"depth": 3, "width": 64}, "optim": {"lr": 0.003, "fused": True}, "stage": "star"}
+    assert config_changes(old, new) == ["model.depth: 2 -> 3", "optim.fused: '<missing>' -> True"]
+    assert config_changes(new, new) == []
+
+
+def test_resume_names_changed_settings_and_refuses_another_architecture(tmp_path):
+    vqvae_dir = make_vqvae_dir(tmp_path / "vqvae")
+    first = run_train(star_overrides(tmp_path / "run", vqvae_dir, 3))
+    assert first.returncode == 0, first.stderr[-3000:]
+    deeper = run_train(star_overrides(tmp_path / "run", vqvae_dir, 6, **{"model.depth": 3}))
+    assert deeper.returncode == 2 and "Traceback" not in deeper.stderr, deeper.stderr[-3000:]
+    assert "ckpt-00000003.pt does not fit this model" in deeper.stderr and "model.depth: 2 -> 3" in deeper.stderr
+    slower = run_train(star_overrides(tmp_path / "run", vqvae_dir, 6, **{"optim.lr": 1e-3}))
+    assert slower.returncode == 0, slower.stderr[-3000:]
+    assert "resuming with settings changed since the checkpoint: loop.steps: 3 -> 6; optim.lr: 0.003 -> 0.001" \
+        in slower.stderr
