@@ -51,11 +51,13 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path, vqvae_d
     assert killed.returncode == -signal.SIGKILL
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert "ckpt-00000003.pt" in files and "ckpt-00000006.pt" not in files  # the half-written one never landed
+    assert [f for f in files if f.startswith(".ckpt-00000006.pt.")]  # its temporary file stays behind
     # Also a corrupt checkpoint under the real name is skipped with a warning.
     (tmp_path / "run" / "ckpt-00000007.pt").write_bytes(b"truncated")
     resumed = run_train(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "skipping unreadable checkpoint" in resumed.stderr and "step 3" in resumed.stderr
+    assert not list((tmp_path / "run").glob(".ckpt-*.tmp"))  # and the resumed run removed it
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     # Steps 4-6 were logged before the kill and again after the resume: the history keeps each step once.
     assert [row["step"] for row in history(tmp_path / "run")] == list(range(1, 10))

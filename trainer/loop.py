@@ -26,7 +26,15 @@ from tqdm import tqdm
 from models.checkpoint import atomic_save
 from trainer.config import RunConfig
 from trainer.optim import EMA, build_optimizer, lr_factor
-from trainer.state import checkpoint_path, find_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.state import (
+    checkpoint_path,
+    find_resumable,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from trainer.stop import StopRequest, TrainingStopped
 from utils import dist
 from utils.config import ConfigError, config_changes, to_dict
@@ -155,6 +163,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
     history_path = out_dir / "log.txt"
     if rank == 0:  # rows after the starting step come from an interrupted run in this directory
         truncate_history(history_path, step)
+        for path in remove_stale_temporaries(out_dir):
+            log.info("removed %s, left by a checkpoint write that was interrupted", path.name)
     # With a time budget, loop.steps is the upper bound while "timing", the first plan while "planned", and the
     # count the run keeps (resume included) once "final" (BUDGET_TIMED_STEPS).
     budget_state = "final" if loop.time_budget_s <= 0 or (resumed is not None and resumed[1].get("budget_steps")) \

@@ -40,6 +40,15 @@ def save_checkpoint(out_dir: str | Path, step: int, payload: dict, keep_last: in
     return path
 
 
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a killed process left behind (each as large as a
+    checkpoint: on a run preempted many times they would fill the disk). Only while nothing is being written."""
+    stale = sorted(Path(out_dir).glob(".ckpt-*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
