@@ -27,15 +27,20 @@ def _checkpoint_steps(out_dir):
 
 
 def test_stop_request_records_the_first_signal_and_restores_the_handlers():
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    with StopRequest() as request:
-        assert request.signum == 0
-        os.kill(os.getpid(), signal.SIGUSR1)  # delivered to this (main) thread before kill returns
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert request.signum == signal.SIGUSR1  # the first one counts
-        with pytest.raises(KeyboardInterrupt):  # a Ctrl-C after a stop request interrupts at once
-            os.kill(os.getpid(), signal.SIGINT)
-    assert {sig: signal.getsignal(sig) for sig in before} == before
+    # Python's own Ctrl-C handler, whatever this process inherited (a background job ignores SIGINT)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        with StopRequest() as request:
+            assert request.signum == 0
+            os.kill(os.getpid(), signal.SIGUSR1)  # delivered to this (main) thread before kill returns
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert request.signum == signal.SIGUSR1  # the first one counts
+            with pytest.raises(KeyboardInterrupt):  # a Ctrl-C after a stop request interrupts at once
+                os.kill(os.getpid(), signal.SIGINT)
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     stopped = TrainingStopped(signal.SIGTERM, 12, "out/ckpt-00000012.pt")
     assert stopped.exit_code == 143 and "SIGTERM at step 12" in str(stopped)
 

@@ -75,6 +75,7 @@ class LoopConfig:
     resume: str = "auto"                   # auto: newest valid checkpoint in out_dir; "": start fresh; or a path
     init_from: str | None = None           # weights to start from (e.g. a lower-resolution run)
     ckpt_every: int = 500
+    ckpt_every_minutes: float = 0.0        # > 0: also a checkpoint once this long has passed since the last one
     keep_last: int = 2
     log_every: int = 20
     sample_every: int = 0                  # 0: no periodic samples
@@ -92,6 +93,8 @@ class LoopConfig:
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"loop.precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.ckpt_every < 1 or self.ckpt_every_minutes < 0:
+            raise ConfigError("loop.ckpt_every must be >= 1 and loop.ckpt_every_minutes >= 0 (0: by steps only)")
         if self.eval_every < 0 or self.eval_samples < 1:
             raise ConfigError("loop.eval_every must be >= 0 (0: no validation) and loop.eval_samples >= 1")
         if self.time_budget_s < 0:

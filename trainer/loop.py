@@ -242,9 +242,10 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
         skipped_records, skipped_pending = skipped_records + int(counts.item()), 0
 
     saved_step = step if resumed is not None else -1  # the step of the newest checkpoint on disk
+    saved_at = time.time()  # when it was written (or this run started): loop.ckpt_every_minutes
 
     def checkpoint():
-        nonlocal saved_step
+        nonlocal saved_step, saved_at
         if budget_state == "planned" and step > planned_at:  # the first checkpoint after the first plan
             plan_budget()
         if reports_skips:
@@ -265,7 +266,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
             path = save_checkpoint(out_dir, step, payload, loop.keep_last)
             log.info("saved %s", path)
         dist.barrier()
-        saved_step = step
+        saved_step, saved_at = step, time.time()
 
     def stop(signum: int) -> None:
         """A stop signal reached some rank: checkpoint this step (unless just done) and end the run on every rank."""
@@ -332,8 +333,10 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
             # Every rank skips the step if any rank's loss is non-finite (ranks that stepped alone would drift apart
             # and fall out of step with the others' collectives), and every rank stops after this step if any rank
             # got a stop signal (one all-reduce for both).
-            nonfinite, stop_signum = dist.reduce_over_ranks([float(not math.isfinite(loss_value)),
-                                                             float(stop_request.signum)], device, op="max")
+            # The same all-reduce decides a checkpoint by time (rank clocks differ; the first rank due decides).
+            ckpt_due = loop.ckpt_every_minutes > 0 and time.time() - saved_at >= 60 * loop.ckpt_every_minutes
+            nonfinite, stop_signum, ckpt_due = dist.reduce_over_ranks(
+                [float(not math.isfinite(loss_value)), float(stop_request.signum), float(ckpt_due)], device, op="max")
             bad = "loss" if nonfinite else None
             if bad is None:
                 scaler.unscale_(optimizer)
@@ -405,7 +408,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if loop.sample_every and step % loop.sample_every == 0 and rank == 0:
                 stage.sample(step, out_dir, writer)
-            if step % loop.ckpt_every == 0 or step == loop.steps:
+            if step % loop.ckpt_every == 0 or step == loop.steps or ckpt_due:
                 checkpoint()
             if stop_signum and step < loop.steps:
                 stop(int(stop_signum))

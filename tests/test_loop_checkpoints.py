@@ -1,5 +1,6 @@
-"""Resuming with other settings: a warning that lists them, or a clear error when the model no longer fits."""
-from tests.train_helpers import make_vqvae_dir, run_train, star_overrides
+"""Checkpoints by time (loop.ckpt_every_minutes), and resuming with other settings: a warning that lists them, or
+a clear error when the model no longer fits."""
+from tests.train_helpers import history, make_vqvae_dir, run_train, star_overrides
 from utils.config import config_changes
 
 
@@ -21,3 +22,13 @@ def test_resume_names_changed_settings_and_refuses_another_architecture(tmp_path
     assert slower.returncode == 0, slower.stderr[-3000:]
     assert "resuming with settings changed since the checkpoint: loop.steps: 3 -> 6; optim.lr: 0.003 -> 0.001" \
         in slower.stderr
+
+
+def test_checkpoints_by_time_as_well_as_by_steps(tmp_path):
+    vqvae_dir = make_vqvae_dir(tmp_path / "vqvae")
+    # every 1 ms: a checkpoint after every step (the periodic one would come at step 100 only)
+    run = run_train(star_overrides(tmp_path / "run", vqvae_dir, 5, **{"loop.ckpt_every": 100,
+                                                                       "loop.ckpt_every_minutes": 1 / 60000}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*.pt")) == [f"ckpt-0000000{s}.pt" for s in range(1, 6)]
+    assert [row["step"] for row in history(tmp_path / "run")] == [1, 2, 3, 4, 5]
