@@ -4,6 +4,7 @@
     python train.py --config=configs/shapes_vqvae.json [--section.key=value ...]
     torchrun --nproc_per_node=8 train.py --config=configs/star_d16_256.json --data.lmdb_dirs=data/a,data/b
     python -m torch.distributed.launch --nproc_per_node=8 train.py --config=...   (legacy form also works)
+    python train.py --config=configs/star_d16_256.json --print-config   (every key, resolved; nothing runs)
 
 The stage ("vqvae", "star" or "sampler") comes from the config (train_sampler.py insists on "sampler").
 Re-running the same command resumes from the newest valid checkpoint in loop.out_dir (loop.resume=auto).
@@ -18,7 +19,7 @@ from trainer.config import RunConfig
 from trainer.loop import train
 from trainer.stop import TrainingStopped
 from utils import cli, dist
-from utils.config import ConfigError, load_config
+from utils.config import ConfigError, load_config, to_json
 from utils.data.dataset import ImageTransform, LMDBImageTextDataset, ShapesDataset
 from utils.data.shapes import MIN_RENDER_SIZE
 from utils.logging import get_logger
@@ -28,7 +29,7 @@ def parse_args(argv: list[str]) -> RunConfig:
     if not argv:  # the defaults alone cannot train anything (no data-set-specific settings, no VQ-VAE)
         raise ConfigError("no config given: pass --config=configs/<run>.json [--section.key=value ...] "
                           "(--help for more)")
-    config_path, overrides = None, []
+    config_path, overrides, print_config = None, [], False
     args = iter(argv)
     for arg in args:
         if arg.startswith("--config="):
@@ -40,9 +41,15 @@ def parse_args(argv: list[str]) -> RunConfig:
         elif arg in ("-h", "--help"):
             print(__doc__)
             sys.exit(0)
+        elif arg == "--print-config":
+            print_config = True
         else:
             overrides.append(arg)
-    return load_config(RunConfig, config_path, overrides)
+    cfg = load_config(RunConfig, config_path, overrides)
+    if print_config:  # every key with its resolved value (what checkpoints store), then stop
+        print(to_json(cfg))
+        sys.exit(0)
+    return cfg
 
 
 def build_dataset(cfg: RunConfig, resolution: int, validation: bool = False):

@@ -1,4 +1,5 @@
 """Entry scripts end on an input error (bad config, unusable checkpoint, missing file) with one line, exit 2."""
+import json
 import runpy
 import sys
 
@@ -48,6 +49,15 @@ def test_train_config_errors(capsys):
     assert "Did you mean 'steps'" in capsys.readouterr().err
     assert cli.run(train.main, ["train.py", f"--config={CONFIG}", "--vqvae.num_res_blocks=0"]) == 2
     assert "num_res_blocks must be >= 1" in capsys.readouterr().err
+
+
+def test_train_prints_the_resolved_config(capsys):
+    with pytest.raises(SystemExit) as done:
+        train.main(["train.py", f"--config={CONFIG}", "--loop.steps=7", "--print-config"])
+    assert done.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["loop"]["steps"] == 7 and printed["stage"] == json.loads(CONFIG.read_text())["stage"]
+    assert "eval_every" in printed["loop"] and "depth" in printed["model"]  # defaults included
 
 
 def test_train_config_path_with_a_space(capsys):
