@@ -451,16 +451,13 @@ def plot_loss_curve(history_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
     extra = next((k for k in ("acc", "psnr") if k in rows[-1]), None)
     fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(10 if extra else 5, 3.5), squeeze=False)
-    steps = [r["step"] for r in rows]
-    axes[0][0].plot(steps, [r["loss"] for r in rows], label="training")
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if val:
-        axes[0][0].plot(*zip(*val), "o-", label="validation")
-        axes[0][0].legend()
-    axes[0][0].set(xlabel="step", ylabel="loss", title="loss")
-    if extra:
-        axes[0][1].plot(steps, [r[extra] for r in rows], color="tab:orange")
-        axes[0][1].set(xlabel="step", ylabel=extra, title=extra)
+    for ax, key in zip(axes[0], ("loss", extra)):
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label="training")
+        val = [(r["step"], r[f"val_{key}"]) for r in rows if f"val_{key}" in r]
+        if val:  # loop.eval_every
+            ax.plot(*zip(*val), "o-", label="validation")
+            ax.legend()
+        ax.set(xlabel="step", ylabel=key, title=key)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
