@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import lmdb
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -22,6 +21,7 @@ class CachedTextEncoder:
 
     def __init__(self, encoder: TextEncoder, directory: str | Path, map_size_gb: float = 64, readonly: bool = False):
         self.encoder, self.dim, self.max_length = encoder, encoder.dim, encoder.max_length
+        import lmdb  # here: a pipeline or training run without a caption cache needs no lmdb
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(str(directory), map_size=int(map_size_gb * 2 ** 30), subdir=True, readonly=readonly,
                              lock=not readonly, readahead=False, meminit=False)

@@ -4,11 +4,12 @@
     python scripts/bench_suite.py --suite gpu --out outputs/bench_gpu
     python scripts/bench_suite.py --suite cpu --out outputs/bench_cpu
 
-Each entry runs scripts/bench_generate.py, scripts/bench_train.py or scripts/check_parity.py in its own process
-(peak-memory numbers stay per entry) with a time limit. ``results.json`` in ``--out`` is rewritten after every
-entry, so a suite cut short (a lent GPU machine's time running out) still leaves what it measured; the most
-important entry of a suite comes first. A failed or timed-out entry is recorded with its error and the suite goes
-on. Ends with a Markdown table of the results and exits 1 if any entry failed.
+Each entry runs scripts/bench_generate.py, scripts/bench_train.py, scripts/check_parity.py or
+scripts/check_training.py in its own process (peak-memory numbers stay per entry) with a time limit.
+``results.json`` in ``--out`` is rewritten after every entry, so a suite cut short (a lent GPU machine's time
+running out) still leaves what it measured; the most important entry of a suite comes first. A failed or timed-out
+entry is recorded with its error and the suite goes on. Ends with a Markdown table of the results and exits 1 if
+any entry failed.
 """
 import argparse
 import json
@@ -31,6 +32,7 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
     # Issue targets first: d30 at 1024² with the sampler head in bf16, then batch-32 throughput at d16 / 256².
     "gpu": [
         ("parity_cuda", "check_parity.py", ["--device", "cuda", "--float-tol", "2e-5"]),
+        ("train_loop_cuda_bf16", "check_training.py", ["--precision", "bf16"]),  # ~2 min: the loop, never yet on CUDA
         ("gen_d30_1024_sampler_bf16_compile", GEN, [*D30_1024, "--sampler", "--dtype", "bf16", "--compile",
                                                     "--repeats", "3"]),
         ("gen_d30_1024_sampler_bf16", GEN, [*D30_1024, "--sampler", "--dtype", "bf16", "--repeats", "3"]),

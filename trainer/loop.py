@@ -446,7 +446,12 @@ def plot_loss_curve(history_path: Path, png: Path) -> None:
     rows = read_history(history_path)
     if not rows:
         return
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an optional extra: a run must not fail at its very end for a plot
+        get_logger("star").warning("matplotlib is not installed: no %s (the history is in %s)", png.name,
+                                   history_path.name)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     extra = next((k for k in ("acc", "psnr") if k in rows[-1]), None)

@@ -21,8 +21,10 @@ import json
 import pickle
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lmdb
+if TYPE_CHECKING:  # imported where used: training on the built-in shapes data needs no lmdb
+    import lmdb
 
 FORMAT = "star-lmdb-v1"
 META_KEY = b"__meta__"
@@ -48,6 +50,7 @@ def record_key(i: int) -> bytes:
 
 def open_readonly(path: str | Path, subdir: bool = True) -> lmdb.Environment:
     """Read-only, lock-free, no readahead: many processes and DataLoader workers read concurrently."""
+    import lmdb
     return lmdb.open(str(path), subdir=subdir, readonly=True, lock=False, readahead=False, meminit=False,
                      max_readers=512)
 
