@@ -14,6 +14,7 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.95)
     schedule: str = "lin0"
     clip: float | None = 2.0
+    cache: str | None = "cache/"
 
 
 @dataclass
@@ -45,6 +46,12 @@ def test_overrides_flat_nested_and_types(tmp_path):
     assert cfg.steps == 7 and cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.99)
     assert cfg.fp16 is True and cfg.name == "123"  # a str field keeps the raw text
     assert cfg.model.patch_nums == (1, 2, 4) and cfg.optim.clip is None and cfg.tags == ["a", "b"]
+
+
+def test_null_clears_an_optional_text_field_and_stays_text_for_a_plain_one(tmp_path):
+    cfg = load_config(RunSection, None, ["--optim.cache=null", "--name=null"])
+    assert cfg.optim.cache is None and cfg.name == "null"
+    assert load_config(RunSection, None, ["--optim.cache=123"]).optim.cache == "123"
 
 
 def test_int_is_accepted_for_float_but_not_the_reverse():

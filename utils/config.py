@@ -171,10 +171,14 @@ def _set_dotted(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"'{path}{part}' is a section; set one of its keys, e.g. --{path}{part}.KEY=VALUE")
-            # A string field takes the raw text, so "--data.root=123" stays "123".
+            # A string field takes the raw text, so "--data.root=123" stays "123"; an optional one takes null as
+            # None ("--text.cache_dir=null" turns the cache off instead of naming a folder "null").
             is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
             base = [a for a in typing.get_args(tp) if a is not type(None)] if is_union else [tp]
-            node[part] = raw if base == [str] else _parse_value(raw)
+            if base == [str]:
+                node[part] = None if is_union and raw == "null" else raw
+            else:
+                node[part] = _parse_value(raw)
             return
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"'{path}{part}' is a value, not a section")
