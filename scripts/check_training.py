@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))  # run from anywhere without installing
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from trainer.loop import read_history  # noqa: E402
 from utils import cli  # noqa: E402
 
 TINY_VQVAE = {"vqvae.vocab_size": 64, "vqvae.z_channels": 8, "vqvae.ch": 32, "vqvae.ch_mult": "[1,2]",
@@ -43,8 +44,7 @@ def train_command(out_dir: Path, settings: dict) -> list[str]:
 
 
 def history(out_dir: Path) -> list[dict]:
-    path = out_dir / "log.txt"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return read_history(out_dir / "log.txt")  # a line being written while we poll is skipped
 
 
 def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:

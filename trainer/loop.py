@@ -146,7 +146,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
         if loop.time_budget_s > 0 and ckpt.get("budget_steps"):
             loop.steps = ckpt["budget_steps"]  # the final step count chosen before the interruption
         micro = micro_batch_samples(to_dict(cfg))
-        saved_micro = micro_batch_samples(json.loads(ckpt["config"])) if ckpt.get("config") else micro
+        saved_micro = micro_batch_samples(saved_config) if saved_config else micro
         if saved_micro != micro:  # the data position counts micro-batches: keep it in samples instead
             batches_in_epoch = batches_in_epoch * saved_micro // micro
             log.warning("%d samples per micro-batch over all ranks, the checkpoint's %d (loop.batch_size / "
@@ -163,8 +163,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
     history_path = out_dir / "log.txt"
     if rank == 0:  # rows after the starting step come from an interrupted run in this directory
         truncate_history(history_path, step)
-        for path in remove_stale_temporaries(out_dir):
-            log.info("removed %s, left by a checkpoint write that was interrupted", path.name)
+        for stale in remove_stale_temporaries(out_dir):
+            log.info("removed %s, left by a checkpoint write that was interrupted", stale.name)
     # With a time budget, loop.steps is the upper bound while "timing", the first plan while "planned", and the
     # count the run keeps (resume included) once "final" (BUDGET_TIMED_STEPS).
     budget_state = "final" if loop.time_budget_s <= 0 or (resumed is not None and resumed[1].get("budget_steps")) \
