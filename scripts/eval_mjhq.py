@@ -106,12 +106,11 @@ def evaluate(items: list[dict], images_root: Path, gen_dir: Path, size: int, inc
 
 def radar_plot(metrics: dict, path: Path) -> None:
     """One polar panel per metric, categories around the circle (as the paper's figure)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no process-wide backend or figure registry
     cats = [c for c in metrics["fid"] if c != "overall"]
     angles = np.linspace(0, 2 * np.pi, len(cats), endpoint=False).tolist()
-    fig, axes = plt.subplots(1, 3, subplot_kw={"projection": "polar"}, figsize=(13, 4.5))
+    fig = Figure(figsize=(13, 4.5))
+    axes = fig.subplots(1, 3, subplot_kw={"projection": "polar"})
     for ax, key in zip(axes, ("fid", "clip_score", "cmmd")):
         values = [metrics[key][c] for c in cats]
         ax.plot(angles + angles[:1], values + values[:1], marker="o")
@@ -121,7 +120,6 @@ def radar_plot(metrics: dict, path: Path) -> None:
         ax.set_title(f"{key} (overall {metrics[key]['overall']:.3f})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def parse_args(argv=None):

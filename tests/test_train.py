@@ -1,6 +1,9 @@
 """The training loop: loss goes down, exact resume, kill during checkpoint, DDP equivalence, VQ-VAE stage."""
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -214,6 +217,23 @@ def test_dead_code_restart_reseeds_only_codes_unused_in_the_window():
     metrics = {}
     stage.after_step(4, metrics)
     assert metrics["restarted_codes"] == 8
+
+
+def test_loss_curve_draws_training_and_validation_without_pyplot(tmp_path):
+    """The plot must not touch matplotlib's global state (backend, pyplot's figure registry): train() may run
+    inside a notebook or a GUI program."""
+    from PIL import Image
+    rows = [{"step": s, "loss": 1 / s, "acc": s / 10, **({"val_loss": 2 / s, "val_acc": s / 20} if s % 3 == 0 else {})}
+            for s in range(1, 11)]
+    (tmp_path / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = ("import sys; from pathlib import Path; from trainer.loop import plot_loss_curve; "
+            f"plot_loss_curve(Path({str(tmp_path / 'log.txt')!r}), Path({str(tmp_path / 'curve.png')!r})); "
+            "print('matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert Image.open(tmp_path / "curve.png").size == (1000, 350)  # two panels: loss, and accuracy
 
 
 def test_steps_within_budget():

@@ -447,15 +447,14 @@ def plot_loss_curve(history_path: Path, png: Path) -> None:
     if not rows:
         return
     try:
-        import matplotlib
+        from matplotlib.figure import Figure  # no pyplot: a caller's backend and figures are left alone
     except ImportError:  # an optional extra: a run must not fail at its very end for a plot
         get_logger("star").warning("matplotlib is not installed: no %s (the history is in %s)", png.name,
                                    history_path.name)
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     extra = next((k for k in ("acc", "psnr") if k in rows[-1]), None)
-    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(10 if extra else 5, 3.5), squeeze=False)
+    fig = Figure(figsize=(10 if extra else 5, 3.5))
+    axes = fig.subplots(1, 2 if extra else 1, squeeze=False)
     for ax, key in zip(axes[0], ("loss", extra)):
         ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label="training")
         val = [(r["step"], r[f"val_{key}"]) for r in rows if f"val_{key}" in r]
@@ -465,5 +464,4 @@ def plot_loss_curve(history_path: Path, png: Path) -> None:
         ax.set(xlabel="step", ylabel=key, title=key)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
-    plt.close(fig)
 
