@@ -1,9 +1,12 @@
 """scripts/quickstart.py in smoke mode (a few steps per stage): every stage runs, the outputs exist, the set-up
 time is counted, and a second run reuses the finished stages."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.helpers import REPO
 
@@ -32,3 +35,38 @@ def test_quickstart_smoke(tmp_path):
     assert again.returncode == 0 and again.stdout.count("reusing") >= 5
     # the run's clock started with the first invocation's set-up
     assert json.loads((out / "summary.json").read_text())["stage_seconds"]["setup"] == 7
+
+
+def _quickstart_module():
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "scripts" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plan(qs, vqvae_eval_seconds: float) -> tuple[dict, dict]:
+    """Budgets and stage times of a 20-minute run in which every training stage takes its budget plus the start-up
+    allowance and the generation takes its allowance."""
+    seconds = {"setup": 150.0, "parity": 4.0, "data": 15.0}
+    budgets = {}
+    for key in ("vqvae", "vqvae_eval", "star", "sampler", "generate_and_judge"):
+        if key in qs.BUDGET_SHARES:
+            budgets[key] = qs.stage_budget(key, 20, seconds)
+            seconds[key] = budgets[key] + qs.STARTUP_SECONDS
+        elif key == "vqvae_eval":
+            seconds[key] = vqvae_eval_seconds
+        else:
+            seconds[key] = max(qs.EVAL_SECONDS[key], qs.GENERATE_PER_VQVAE_EVAL * vqvae_eval_seconds)
+    return budgets, seconds
+
+
+def test_budget_plan_fills_the_minutes_and_a_slow_machine_keeps_back_more():
+    qs = _quickstart_module()
+    usual, usual_seconds = _plan(qs, 9.0)
+    slow, slow_seconds = _plan(qs, 20.0)  # an evaluation over twice as slow: generation gets 130 s, not 60
+    assert sum(usual_seconds.values()) == pytest.approx(20 * 60) == sum(slow_seconds.values())
+    assert usual_seconds["generate_and_judge"] == 60 and slow_seconds["generate_and_judge"] == 130
+    # the VQ-VAE is planned before the evaluation runs; STAR and the head give up the 11 + 70 s the slow machine's
+    # evaluation and generation take longer
+    assert slow["vqvae"] == usual["vqvae"]
+    assert slow["star"] + slow["sampler"] == pytest.approx(usual["star"] + usual["sampler"] - (20 - 9) - (130 - 60))

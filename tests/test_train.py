@@ -1,6 +1,7 @@
 """The training loop: loss goes down, exact resume, kill during checkpoint, DDP equivalence, VQ-VAE stage."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -245,21 +246,23 @@ def test_steps_within_budget():
 
 
 def test_time_budget_fixes_the_step_count_and_resume_keeps_it(tmp_path, vqvae_dir):
-    extra = {"loop.time_budget_s": 8, "loop.ckpt_every": 10, "loop.keep_last": 1000, "loop.log_every": 10,
+    extra = {"loop.time_budget_s": 12, "loop.ckpt_every": 10, "loop.keep_last": 1000, "loop.log_every": 10,
              "optim.warmup_steps": 20}
     res = run_train(star_overrides(tmp_path / "a", vqvae_dir, 100000, **extra))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "time budget 8 s" in res.stderr and "first plan" in res.stderr and "; final)" in res.stderr
-    planned = json.loads((tmp_path / "a" / "config.json").read_text())["loop"]["steps"]
-    assert 30 <= planned < 100000
+    assert "time budget 12 s" in res.stderr and "first plan" in res.stderr
+    revised = int(re.search(r"-> (\d+) steps \(at most 100000; final\)", res.stderr)[1])
+    # the run ends at that count (or earlier, should the machine slow down enough to spend the budget first)
+    steps = json.loads((tmp_path / "a" / "config.json").read_text())["loop"]["steps"]
+    assert 40 <= steps <= revised < 100000
     ckpts = sorted((tmp_path / "a").glob("ckpt-*.pt"))
-    assert ckpts[-1].name == f"ckpt-{planned:08d}.pt" and json.loads(
-        torch.load(ckpts[-1], weights_only=True)["config"])["loop"]["steps"] == planned
+    assert ckpts[-1].name == f"ckpt-{steps:08d}.pt" and json.loads(
+        torch.load(ckpts[-1], weights_only=True)["config"])["loop"]["steps"] == steps
     # the plan after step 20 is revised at the next checkpoint (step 30); checkpoints from then on hold the count
     stored = {int(c.stem.split("-")[1]): torch.load(c, weights_only=True)["budget_steps"] for c in ckpts}
-    assert stored[10] is None and stored[20] is None and stored[30] == planned
+    assert stored[10] is None and stored[20] is None and stored[30] == stored[40] == revised
     # resumed from a checkpoint with the final count, the run keeps that count and the same schedule, whatever
-    # the budget says now: the weights are those of the uninterrupted run
+    # the budget says now: its weights are those of the uninterrupted run
     (tmp_path / "b").mkdir()
     import shutil
     shutil.copy(tmp_path / "a" / "ckpt-00000030.pt", tmp_path / "b")
@@ -267,4 +270,27 @@ def test_time_budget_fixes_the_step_count_and_resume_keeps_it(tmp_path, vqvae_di
     resumed = run_train(star_overrides(tmp_path / "b", vqvae_dir, 100000, **extra))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step 30" in resumed.stderr and "time budget" not in resumed.stderr
-    assert _equal_states(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["loop"]["steps"] == revised
+    at_40 = [torch.load(d / "ckpt-00000040.pt", weights_only=True) for d in (tmp_path / "a", tmp_path / "b")]
+    assert _equal_states(at_40[0]["model"], at_40[1]["model"]) and _equal_states(at_40[0]["ema"], at_40[1]["ema"])
+    if steps == revised:  # not cut short: the exported weights too
+        assert _equal_states(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+
+
+def test_time_budget_ends_the_run_when_later_steps_run_slower_than_planned(tmp_path, vqvae_dir):
+    # Validation every 25 steps (512 samples: longer than the 25 steps between) costs time that the plan after step
+    # 20 did not see: without the deadline the run would overrun its budget by several seconds.
+    extra = {"loop.time_budget_s": 12, "loop.ckpt_every": 1000, "loop.log_every": 10, "optim.warmup_steps": 20,
+             "loop.eval_every": 25, "loop.eval_samples": 512}
+    res = run_train(star_overrides(tmp_path, vqvae_dir, 100000, **extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    planned = int(re.search(r"-> (\d+) steps \(at most 100000; first plan\)", res.stderr)[1])
+    ended = re.search(r"time budget 12 s spent at step (\d+) of (\d+): ending here", res.stderr)
+    assert ended is not None, res.stderr[-3000:]
+    step = int(ended[1])
+    assert 20 < step < planned == int(ended[2])
+    assert json.loads((tmp_path / "config.json").read_text())["loop"]["steps"] == step
+    ckpt = torch.load(tmp_path / f"ckpt-{step:08d}.pt", weights_only=True)
+    assert ckpt["budget_steps"] == step  # a resume keeps the shortened count
+    assert history(tmp_path)[-1]["step"] == step and "val_loss" in history(tmp_path)[-1]
+    assert (tmp_path / "final" / "model.safetensors").is_file()

@@ -82,7 +82,7 @@ class LoopConfig:
     max_nonfinite: int = 20                # stop after this many skipped steps in a row (non-finite loss or grad)
     # > 0: train for as many steps (at most ``steps``) as fit in this many seconds of the loop, the count set from
     # the speed of the first steps, revised once at the next checkpoint (trainer.loop.BUDGET_TIMED_STEPS) and
-    # then kept, resume included.
+    # then kept, resume included. A run that plans its count ends when the budget is spent even if it planned more.
     time_budget_s: float = 0.0
     # > 0: every this many steps (and at the last), the stage's validation metrics (loss, accuracy or PSNR) on
     # the first eval_samples samples of the validation set: data.val_lmdb_dirs, or for the shapes source its

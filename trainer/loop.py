@@ -170,6 +170,10 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
     budget_state = "final" if loop.time_budget_s <= 0 or (resumed is not None and resumed[1].get("budget_steps")) \
         else "timing"
     upper_steps = loop.steps
+    # A run that plans its step count here also ends when its budget is spent, at the step in progress: a machine
+    # that slows down after the plan must not overrun it (a quickstart stage ran 10% over). A count that is final
+    # from a checkpoint is kept.
+    deadline = t_start + loop.time_budget_s if budget_state != "final" else math.inf
 
     def write_config():
         if rank == 0:
@@ -332,11 +336,13 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
                     reports_skips, skipped_pending = True, skipped_pending + int(batch["skipped"].sum())
             # Every rank skips the step if any rank's loss is non-finite (ranks that stepped alone would drift apart
             # and fall out of step with the others' collectives), and every rank stops after this step if any rank
-            # got a stop signal (one all-reduce for both).
-            # The same all-reduce decides a checkpoint by time (rank clocks differ; the first rank due decides).
-            ckpt_due = loop.ckpt_every_minutes > 0 and time.time() - saved_at >= 60 * loop.ckpt_every_minutes
-            nonfinite, stop_signum, ckpt_due = dist.reduce_over_ranks(
-                [float(not math.isfinite(loss_value)), float(stop_request.signum), float(ckpt_due)], device, op="max")
+            # got a stop signal, or if the time budget is spent. The same all-reduce decides a checkpoint by time (rank
+            # clocks differ: the first rank due decides).
+            now = time.time()
+            ckpt_due = loop.ckpt_every_minutes > 0 and now - saved_at >= 60 * loop.ckpt_every_minutes
+            nonfinite, stop_signum, ckpt_due, out_of_time = dist.reduce_over_ranks(
+                [float(not math.isfinite(loss_value)), float(stop_request.signum), float(ckpt_due),
+                 float(now >= deadline)], device, op="max")
             bad = "loss" if nonfinite else None
             if bad is None:
                 scaler.unscale_(optimizer)
@@ -376,6 +382,11 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
                     timed_from = (step, time.time())
                 elif timed_from is not None and step - timed_from[0] >= last_timed - first:
                     plan_budget()
+            if out_of_time and step < loop.steps:
+                log.warning("time budget %.0f s spent at step %d of %d: ending here", loop.time_budget_s, step,
+                            loop.steps)
+                loop.steps, budget_state, bar.total = step, "final", step
+                write_config()
 
             evaluated = val_loader is not None and (step % loop.eval_every == 0 or step == loop.steps)
             val_metrics = {}
