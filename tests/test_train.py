@@ -246,11 +246,11 @@ def test_steps_within_budget():
 
 
 def test_time_budget_fixes_the_step_count_and_resume_keeps_it(tmp_path, vqvae_dir):
-    extra = {"loop.time_budget_s": 12, "loop.ckpt_every": 10, "loop.keep_last": 1000, "loop.log_every": 10,
+    extra = {"loop.time_budget_s": 16, "loop.ckpt_every": 10, "loop.keep_last": 1000, "loop.log_every": 10,
              "optim.warmup_steps": 20}
     res = run_train(star_overrides(tmp_path / "a", vqvae_dir, 100000, **extra))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "time budget 12 s" in res.stderr and "first plan" in res.stderr
+    assert "time budget 16 s" in res.stderr and "first plan" in res.stderr
     revised = int(re.search(r"-> (\d+) steps \(at most 100000; final\)", res.stderr)[1])
     # the run ends at that count (or earlier, should the machine slow down enough to spend the budget first)
     steps = json.loads((tmp_path / "a" / "config.json").read_text())["loop"]["steps"]
