@@ -64,3 +64,43 @@ def test_scale_balanced_loss_is_the_mean_of_per_scale_means(tmp_path):
         per_scale = [ce[:, scale == s].mean() for s in range(3)]
         assert torch.allclose(loss, torch.stack(per_scale).mean(), atol=1e-5), drop
         assert metrics["tokens"] == 2 * keep.sum()
+
+
+def test_token_metrics_equal_per_scale_selection_and_read_the_device_once(tmp_path):
+    """Per-scale cross-entropy and accuracy against a naive selection per scale, with all tokens and with a kept
+    subset that leaves scale 1 empty (NaN there); and no per-scale host reads (.item(), boolean indexing)."""
+    import math
+
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "_local_scalar_dense" in str(func) or "nonzero" in str(func) or str(func).startswith("aten.index."):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    stage = _stage(tmp_path)
+    torch.manual_seed(0)
+    lvl_all = stage.scale_of_token  # (21,) scales 0, 1 x4, 2 x16
+    for kept in (torch.ones(21, dtype=torch.bool), torch.tensor([True] + [False] * 4 + [True, False] * 8)):
+        lvl = lvl_all[kept]
+        logits, gt = torch.randn(3, len(lvl), 64), torch.randint(64, (3, len(lvl)))
+        gt[0, :4] = logits[0, :4].argmax(-1)  # some right answers
+        with HostReads() as reads:
+            metrics = stage.token_metrics(logits, gt, lvl)
+        assert reads.ops == []
+        ce = F.cross_entropy(logits.transpose(1, 2), gt, reduction="none")
+        correct = (logits.argmax(-1) == gt).float()
+        assert math.isclose(metrics["acc"], correct.mean().item(), rel_tol=1e-6)
+        for s in range(3):
+            sel = [i for i in range(len(lvl)) if lvl[i] == s]
+            if not sel:
+                assert math.isnan(metrics[f"loss_scale{s}"]) and math.isnan(metrics[f"acc_scale{s}"])
+                continue
+            assert math.isclose(metrics[f"loss_scale{s}"], ce[:, sel].mean().item(), rel_tol=1e-6)
+            assert math.isclose(metrics[f"acc_scale{s}"], correct[:, sel].mean().item(), rel_tol=1e-6, abs_tol=1e-7)
