@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +38,20 @@ def manifest_param_count(path: Path) -> int:
         if line.startswith("# parameter count:"):
             return int(line.split(":")[1].split()[0])
     raise ValueError(f"no parameter count in {path}")
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that read a tensor's values on the host (a host-device sync on a GPU): ``.item()``,
+    ``nonzero`` and indexing with a boolean mask. A ``.tolist()`` is one transfer and not an op, so not recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        masks = args[1] if name.startswith("aten.index.Tensor") else ()
+        if "_local_scalar_dense" in name or "nonzero" in name or any(
+                m is not None and m.dtype == torch.bool for m in masks):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))

@@ -2,6 +2,7 @@
 import torch
 
 from metrics.flops import star_training_flops
+from tests.helpers import HostReads
 from tests.train_helpers import make_vqvae_dir, star_overrides
 from trainer.config import RunConfig
 from trainer.star_stage import StarStage
@@ -72,17 +73,6 @@ def test_token_metrics_equal_per_scale_selection_and_read_the_device_once(tmp_pa
     import math
 
     import torch.nn.functional as F
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class HostReads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "_local_scalar_dense" in str(func) or "nonzero" in str(func) or str(func).startswith("aten.index."):
-                self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     stage = _stage(tmp_path)
     torch.manual_seed(0)

@@ -220,6 +220,37 @@ def test_dead_code_restart_reseeds_only_codes_unused_in_the_window():
     assert metrics["restarted_codes"] == 8
 
 
+def test_vqvae_stage_metrics_equal_a_direct_computation_and_read_the_device_once():
+    """recon, vq and PSNR against the model's own outputs and the PSNR formula; per-scale codebook usage as its
+    definition; no per-metric host reads (.item() made one host-device sync per metric on a GPU)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from tests.helpers import HostReads
+    from trainer.config import RunConfig
+    from trainer.vqvae_stage import VQVAEStage
+    from utils.config import load_config
+    cfg = load_config(RunConfig, None, vqvae_overrides(**{"vqvae_train.recon": "l1"}))
+    torch.manual_seed(0)
+    stage = VQVAEStage(cfg, torch.device("cpu"))
+    img = torch.rand(4, 3, 8, 8) * 2 - 1
+    with HostReads() as reads:
+        loss, metrics = stage.loss(stage.model, {"image": img})
+        val = stage.evaluate(stage.model, {"image": img})
+    assert reads.ops == []
+    with torch.no_grad():
+        rec, vq, _, _ = stage.model(img)
+    mse_01 = ((rec.clamp(-1, 1) - img) / 2).pow(2).mean().item()
+    for m in (metrics, val):
+        assert math.isclose(m["recon"], F.l1_loss(rec, img).item(), rel_tol=1e-5)  # vqvae_train.recon=l1
+        assert math.isclose(m["vq"], vq.item(), rel_tol=1e-5)
+        assert math.isclose(m["psnr"], -10 * math.log10(mse_01), rel_tol=1e-5)
+    assert math.isclose(val["loss"], val["recon"] + cfg.vqvae_train.vq_weight * val["vq"], rel_tol=1e-6)
+    usage = (stage.model.quantize.ema_vocab_hit_SV > cfg.vqvae_train.dead_threshold).float().mean(1)
+    assert [metrics[f"usage_scale{s}"] for s in range(3)] == usage.tolist()
+
+
 def test_loss_curve_draws_training_and_validation_without_pyplot(tmp_path):
     """The plot must not touch matplotlib's global state (backend, pyplot's figure registry): train() may run
     inside a notebook or a GUI program."""

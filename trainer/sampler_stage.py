@@ -20,6 +20,7 @@ from torch import nn
 from models.checkpoint import save_pretrained
 from models.sampler import SamplerHead, visible_probability
 from trainer.config import RunConfig
+from trainer.loop import host_values
 from trainer.optim import with_ema_weights
 from trainer.star_stage import StarStage, load_init_weights
 
@@ -67,8 +68,8 @@ class SamplerStage(StarStage):
         loss = (ce * hidden_tokens).sum() / count.clamp_min(1)
         with torch.no_grad():
             correct = (logits.argmax(-1) == target) & hidden_tokens
-            metrics = {"acc_hidden": (correct.sum() / count.clamp_min(1)).item(),
-                       "visible_fraction": visible.float().mean().item(), "tokens": float(count)}
+            metrics = host_values({"acc_hidden": correct.sum() / count.clamp_min(1),
+                                   "visible_fraction": visible.float().mean(), "tokens": count})
         return loss, metrics
 
     @torch.no_grad()

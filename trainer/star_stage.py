@@ -20,6 +20,7 @@ from models.star import STAR
 from models.text_cache import CachedTextEncoder
 from models.text_encoder import text_encoder_from_config
 from trainer.config import RunConfig
+from trainer.loop import host_values
 from trainer.optim import with_ema_weights
 from utils.config import ConfigError, to_dict
 
@@ -174,20 +175,18 @@ class StarStage:
 
     def token_metrics(self, logits: torch.Tensor, gt: torch.Tensor, lvl: torch.Tensor) -> dict[str, float]:
         """Accuracy overall, and cross-entropy and accuracy per scale (``loss_scale{s}``, ``acc_scale{s}``; NaN for
-        a scale without tokens). The per-scale sums are one product with a one-hot scale matrix and the values
-        reach the host in one transfer: a boolean selection and ``.item()`` per scale made 2 host-device syncs per
-        scale on a GPU (27 per step at 13 scales), before the backward pass was queued."""
+        a scale without tokens). The per-scale sums are one product with a one-hot scale matrix, read with the rest
+        in one transfer (``host_values``): a boolean selection and ``.item()`` per scale made two host-device syncs
+        per scale on a GPU."""
         S = len(self.cfg.model.patch_nums)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), gt.reshape(-1),
                              reduction="none").view(gt.shape)
         correct = (logits.argmax(-1) == gt).float()
         one_hot = (lvl[:, None] == torch.arange(S, device=lvl.device)).float()  # (L, S)
         sums = torch.stack((ce.sum(0), correct.sum(0), torch.full_like(ce[0], gt.shape[0]))) @ one_hot  # (3, S)
-        values = torch.cat((correct.mean().view(1), sums[0] / sums[2], sums[1] / sums[2])).tolist()
-        metrics = {"acc": values[0]}
-        for s in range(S):
-            metrics[f"loss_scale{s}"], metrics[f"acc_scale{s}"] = values[1 + s], values[1 + S + s]
-        return metrics
+        loss_s, acc_s = sums[0] / sums[2], sums[1] / sums[2]
+        return host_values({"acc": correct.mean(), **{f"loss_scale{s}": loss_s[s] for s in range(S)},
+                            **{f"acc_scale{s}": acc_s[s] for s in range(S)}})
 
     def after_step(self, step: int, metrics: dict) -> None:
         pass

@@ -1,6 +1,7 @@
 """VQ-VAE training step: reconstruction + multi-scale VQ losses, codebook usage tracking, dead-code restart."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from models.checkpoint import read_official_state_dict, read_weights, save_pretr
 from models.quant import phi_index_table
 from models.vqvae import VQVAE
 from trainer.config import RunConfig
+from trainer.loop import host_values
 from trainer.optim import with_ema_weights
 from utils import dist
 
@@ -30,10 +32,14 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def psnr(rec: torch.Tensor, img: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (computed on [0, 1])."""
-    mse = ((rec.clamp(-1, 1) - img) / 2).pow(2).mean().item()
-    return 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-10))).item()
+def mse_01(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of images in [-1, 1], computed on [0, 1] (a 0-d tensor: no host read)."""
+    return ((rec.clamp(-1, 1) - img) / 2).pow(2).mean()
+
+
+def psnr_db(mse: float) -> float:
+    """PSNR in dB from ``mse_01``."""
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
 
 
 class VQVAEStage:
@@ -91,13 +97,13 @@ class VQVAEStage:
             q.ema_vocab_hit_SV.mul_(0.99).add_(share, alpha=0.01)
             self._window_hits += hits.sum(0)
             self._latents = f.detach().float()
-            metrics = {"recon": recon.item(), "vq": vq_loss.item(), "psnr": psnr(rec, img)}
-            if perceptual is not None:
-                metrics["perceptual"] = perceptual.item()
-            if gan is not None:
-                metrics["gan_g"], metrics["gan_d"] = gan.item(), self._last_d_loss
             used = (q.ema_vocab_hit_SV > self.tcfg.dead_threshold).float().mean(1)
-            metrics.update({f"usage_scale{s}": u.item() for s, u in enumerate(used)})
+            values = {"recon": recon, "vq": vq_loss, "mse": mse_01(rec, img), "perceptual": perceptual, "gan_g": gan,
+                      **{f"usage_scale{s}": u for s, u in enumerate(used)}}
+            metrics = host_values({k: v for k, v in values.items() if v is not None})
+            metrics["psnr"] = psnr_db(metrics.pop("mse"))
+            if gan is not None:
+                metrics["gan_d"] = self._last_d_loss
         if self._fixed_batch is None:
             self._fixed_batch = img[:8].detach().cpu()
         return loss, metrics
@@ -109,8 +115,10 @@ class VQVAEStage:
         rec, vq_loss, _, _ = model(img)
         rec = rec.float()
         recon = self.reconstruction_loss(rec, img)
-        return {"loss": (recon + self.tcfg.vq_weight * vq_loss).item(), "recon": recon.item(), "vq": vq_loss.item(),
-                "psnr": psnr(rec, img)}
+        metrics = host_values({"loss": recon + self.tcfg.vq_weight * vq_loss, "recon": recon, "vq": vq_loss,
+                               "mse": mse_01(rec, img)})
+        metrics["psnr"] = psnr_db(metrics.pop("mse"))
+        return metrics
 
     def discriminator_step(self, img: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         """Update the discriminator (hinge loss, fp32, gradients averaged over ranks) and return the
