@@ -1,5 +1,4 @@
 """FID, CLIP score and CMMD against independent references; eval_mjhq.py end to end on a fake MJHQ layout."""
-import importlib.util
 import json
 
 import numpy as np
@@ -18,7 +17,7 @@ from metrics.fid import (
     load_stats,
     save_stats,
 )
-from tests.helpers import REPO
+from tests.helpers import load_script
 
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
@@ -110,9 +109,7 @@ class StandInInception:
 
 
 def test_eval_mjhq_end_to_end_on_a_fake_layout(tmp_path, tiny_clip):
-    spec = importlib.util.spec_from_file_location("eval_mjhq", REPO / "scripts" / "eval_mjhq.py")
-    eval_mjhq = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_mjhq)
+    eval_mjhq = load_script("eval_mjhq")
     from models.pipeline import StarPipeline
     rng = np.random.default_rng(6)
     meta = {}

@@ -1,6 +1,5 @@
 """scripts/quickstart.py in smoke mode (a few steps per stage): every stage runs, the outputs exist, the set-up
 time is counted, and a second run reuses the finished stages."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_script
 
 
 def test_quickstart_smoke(tmp_path):
@@ -37,13 +36,6 @@ def test_quickstart_smoke(tmp_path):
     assert json.loads((out / "summary.json").read_text())["stage_seconds"]["setup"] == 7
 
 
-def _quickstart_module():
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "scripts" / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _plan(qs, vqvae_eval_seconds: float) -> tuple[dict, dict]:
     """Budgets and stage times of a 20-minute run in which every training stage takes its budget plus the start-up
     allowance and the generation takes its allowance."""
@@ -61,7 +53,7 @@ def _plan(qs, vqvae_eval_seconds: float) -> tuple[dict, dict]:
 
 
 def test_budget_plan_fills_the_minutes_and_a_slow_machine_keeps_back_more():
-    qs = _quickstart_module()
+    qs = load_script("quickstart")
     usual, usual_seconds = _plan(qs, 9.0)
     slow, slow_seconds = _plan(qs, 20.0)  # an evaluation over twice as slow: generation gets 130 s, not 60
     assert sum(usual_seconds.values()) == pytest.approx(20 * 60) == sum(slow_seconds.values())
