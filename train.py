@@ -82,8 +82,10 @@ def main(argv: list[str], required_stage: str | None = None) -> int:
         from trainer.vqvae_stage import VQVAEStage
         stage, resolution = VQVAEStage(cfg, device), cfg.vqvae.image_size
     else:
-        from trainer.sampler_stage import SamplerStage
+        from trainer.sampler_stage import SamplerStage, with_backbone_settings
         from trainer.star_stage import StarStage
+        if cfg.stage == "sampler":  # checked against the backbone's own settings; its VQ-VAE if none is given
+            cfg = with_backbone_settings(cfg)
         stage = (SamplerStage if cfg.stage == "sampler" else StarStage)(cfg, device)
         resolution = stage.resolution
     try:

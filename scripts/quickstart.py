@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     stage("sampler", out / "sampler" / "final" / "config.json",
           [py, "train_sampler.py", "--config=configs/shapes_sampler.json", f"--loop.out_dir={out / 'sampler'}",
            *training_steps("sampler"), f"--sampler_train.backbone={out / 'star' / 'final'}",
-           f"--star_train.vqvae={out / 'vqvae' / 'final'}", f"--text.cache_dir={text_cache}", *common, *train_args])
+           f"--text.cache_dir={text_cache}", *common, *train_args])
     record_steps("sampler")
     pipeline = out / "pipeline"
     if not (pipeline / "config.json").is_file():

@@ -6,7 +6,11 @@ from safetensors.torch import load_file
 from models.checkpoint import load_pretrained_sampler, load_pretrained_star, load_pretrained_vqvae, save_pretrained
 from models.sampler import SamplerHead
 from models.star import STAR, StarConfig
+from models.vqvae import VQVAE
 from tests.train_helpers import history, make_vqvae_dir, run_train, star_overrides
+from trainer.config import RunConfig
+from trainer.sampler_stage import with_backbone_settings
+from utils.config import ConfigError, load_config
 
 TINY_STAR = dict(depth=2, width=64, num_heads=2, vocab_size=64, z_channels=8, text_dim=64, patch_nums=(1, 2, 4))
 
@@ -93,6 +97,47 @@ def test_train_sampler_rejects_other_stages(tmp_path, dirs):
     proc = run_train(sampler_args(tmp_path / "y", dirs, 2, **{"sampler_train.backbone": ""}),
                      script="train_sampler.py")
     assert proc.returncode == 2 and "sampler_train.backbone" in proc.stderr
+
+
+def test_the_backbone_directory_brings_its_vqvae_and_refuses_other_settings(tmp_path, dirs):
+    vqvae_dir, star_dir = dirs
+    backbone = tmp_path / "backbone"  # as StarStage exports it: with the text settings it was trained with
+    text = {"encoder": "tiny", "path": None, "cache_dir": "elsewhere", "tiny_layers": 1}
+    save_pretrained(backbone, star=load_pretrained_star(star_dir), vqvae=load_pretrained_vqvae(vqvae_dir),
+                    extra_config={"text": text})
+
+    def resolve(**extra):
+        args = sampler_args(tmp_path / "run", (vqvae_dir, backbone), 2, **{"text.tiny_layers": 1, **extra})
+        return with_backbone_settings(load_config(RunConfig, None, args))
+
+    assert resolve(**{"star_train.vqvae": ""}).star_train.vqvae == str(backbone)  # unset: the backbone's
+    assert resolve().star_train.vqvae == str(vqvae_dir)  # the same weights under another path
+    # Free: a caption cache of its own, drop path (the backbone runs in eval mode).
+    resolve(**{"text.cache_dir": str(tmp_path / "cache"), "model.drop_path_rate": 0.3})
+
+    torch.manual_seed(5)
+    other = VQVAE(load_pretrained_vqvae(vqvae_dir).cfg)
+    save_pretrained(tmp_path / "other_vqvae", vqvae=other)
+    with pytest.raises(ConfigError, match="is not the VQ-VAE the backbone was trained with"):
+        resolve(**{"star_train.vqvae": str(tmp_path / "other_vqvae")})
+
+    wrong = {"model.num_heads": 4, "model.patch_nums": "[1,2,3]", "vqvae.patch_nums": "[1,2,3]", "text.tiny_layers": 2}
+    with pytest.raises(ConfigError) as error:
+        resolve(**wrong)
+    message = str(error.value)
+    for named in ("model.num_heads: backbone 2, this run 4", "model.patch_nums: backbone [1, 2, 4]",
+                  "text.tiny_layers: backbone 1, this run 2"):
+        assert named in message
+    flags = message.split("Use: ")[1].split()
+    assert sorted(flags) == ["--model.num_heads=2", "--model.patch_nums=1,2,4", "--text.tiny_layers=1"]
+    suggested = dict(flag[2:].split("=", 1) for flag in flags)  # taken as given, they are the fix
+    resolve(**{**wrong, **suggested, "vqvae.patch_nums": "[1,2,4]"})
+
+    official = tmp_path / "official.pth"  # an official file records nothing: the run must name the VQ-VAE
+    torch.save(load_file(str(star_dir / "model.safetensors")), official)
+    with pytest.raises(ConfigError, match="brings no VQ-VAE: set --star_train.vqvae"):
+        resolve(**{"sampler_train.backbone": str(official), "star_train.vqvae": ""})
+    assert resolve(**{"sampler_train.backbone": str(official)}).star_train.vqvae == str(vqvae_dir)
 
 
 def test_head_initialised_from_the_backbone_returns_the_backbone_logits():

@@ -204,8 +204,8 @@ class RunConfig:
     def validate(self) -> None:
         if self.stage not in ("star", "vqvae", "sampler"):
             raise ConfigError(f"stage must be 'star', 'vqvae' or 'sampler', got {self.stage!r}")
-        if self.stage != "vqvae" and not self.star_train.vqvae:
-            raise ConfigError(f"stage '{self.stage}' needs star_train.vqvae (a trained VQ-VAE checkpoint)")
+        if self.stage == "star" and not self.star_train.vqvae:  # a sampler run may take its backbone's
+            raise ConfigError("stage 'star' needs star_train.vqvae (a trained VQ-VAE checkpoint)")
         if self.stage == "sampler" and not self.sampler_train.backbone:
             raise ConfigError("stage 'sampler' needs sampler_train.backbone (a trained STAR checkpoint)")
         if self.stage == "sampler" and self.loop.init_from:
