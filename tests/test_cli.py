@@ -11,6 +11,7 @@ import train
 from models.checkpoint import CheckpointError, read_weights
 from models.pipeline import StarPipeline
 from tests.helpers import REPO
+from tests.train_helpers import make_vqvae_dir, star_overrides
 from utils import cli
 
 CONFIG = REPO / "configs" / "shapes_vqvae.json"
@@ -49,6 +50,17 @@ def test_train_config_errors(capsys):
     assert "Did you mean 'steps'" in capsys.readouterr().err
     assert cli.run(train.main, ["train.py", f"--config={CONFIG}", "--vqvae.num_res_blocks=0"]) == 2
     assert "num_res_blocks must be >= 1" in capsys.readouterr().err
+
+
+def test_a_transformer_that_does_not_fit_its_vqvae_names_the_flags(tmp_path, capsys):
+    """Unchecked, a smaller vocabulary ended in cross-entropy's 'Target 394 is out of bounds' and other code
+    vectors in a matmul shape error, each after the data and text encoder had been set up."""
+    args = star_overrides(tmp_path / "run", make_vqvae_dir(tmp_path / "vqvae"), **{"model.vocab_size": 32,
+                                                                                    "model.z_channels": 4})
+    assert cli.run(train.main, ["train.py", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the transformer does not fit the VQ-VAE") and err.count("\n") == 1
+    assert "set --model.vocab_size=64 --model.z_channels=8" in err
 
 
 def test_train_prints_the_resolved_config(capsys):

@@ -80,6 +80,13 @@ class StarStage:
                               f"on {device.type}): use --star_train.attention=sdpa")
         self.model.set_attention_kernel(cfg.star_train.attention)
         self.vqvae = load_vqvae_for(cfg.star_train.vqvae, cfg.model.patch_nums).to(device)
+        unfit = [f"--model.{key}={getattr(self.vqvae.cfg, key)}" for key in ("vocab_size", "z_channels")
+                 if getattr(cfg.model, key) != getattr(self.vqvae.cfg, key)]
+        if unfit:  # the transformer reads the VQ-VAE's code vectors and predicts its token ids
+            raise ConfigError(f"the transformer does not fit the VQ-VAE of star_train.vqvae={cfg.star_train.vqvae} "
+                              f"(model.vocab_size {cfg.model.vocab_size}, model.z_channels {cfg.model.z_channels}; "
+                              f"the VQ-VAE's: {self.vqvae.cfg.vocab_size}, {self.vqvae.cfg.z_channels}): set "
+                              f"{' '.join(unfit)}")
         encoder = text_encoder_from_config(to_dict(cfg.text)).to(device)
         if encoder.dim != cfg.model.text_dim:
             raise ConfigError(f"text encoder '{cfg.text.encoder}' gives {encoder.dim}-d features but model.text_dim "
