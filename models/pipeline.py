@@ -90,10 +90,13 @@ class StarPipeline:
     def from_pretrained(cls, path: str | Path, vae: str | Path | VQVAE | None = None,
                         text_encoder: TextEncoder | str | tuple[str, str | None] | None = None,
                         preset: str | None = None, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype | None = None, **star_overrides) -> StarPipeline:
+                        dtype: str | torch.dtype | None = None, text_encoder_path: str | None = None,
+                        **star_overrides) -> StarPipeline:
         """``path``: our directory (config.json + safetensors) or an official ``.pth`` (then ``preset``, ``vae``
         and ``text_encoder`` are required: the file holds only the transformer). ``vae``: a VQVAE, our directory
-        or VAR's ``.pth``; ``text_encoder``: an encoder, a kind (``"tiny"``) or ``(kind, local path)``."""
+        or VAR's ``.pth``; ``text_encoder``: an encoder, a kind (``"tiny"``) or ``(kind, local path)``; the kind
+        the directory records keeps its recorded settings (say the tiny encoder's depth). ``text_encoder_path``:
+        where the encoder's weights are on this machine, if not where the directory says."""
         path = Path(path)
         text_config: dict = {}
         generation = None
@@ -112,12 +115,15 @@ class StarPipeline:
         else:
             raise CheckpointError(f"no checkpoint at {path}")
         vqvae = _load_vae(vae, star)
-        if text_encoder is None:
-            if not text_config:
-                raise CheckpointError(f"{path} does not name its text encoder: pass text_encoder=(kind, path)")
-        elif isinstance(text_encoder, (str, tuple)):
+        if isinstance(text_encoder, (str, tuple)):
             kind, enc_path = (text_encoder, None) if isinstance(text_encoder, str) else text_encoder
-            text_config = {"encoder": kind, "path": enc_path}
+            if kind != text_config.get("encoder"):  # another encoder: nothing recorded applies to it
+                text_config = {"encoder": kind, "path": None}
+            text_config = {**text_config, "path": enc_path or text_config.get("path")}
+        if text_encoder_path is not None and not isinstance(text_encoder, TextEncoder):
+            text_config = {**text_config, "path": text_encoder_path}
+        if text_encoder is None and "encoder" not in text_config:
+            raise CheckpointError(f"{path} does not name its text encoder: pass text_encoder=(kind, path)")
         if not isinstance(text_encoder, TextEncoder):
             text_encoder = text_encoder_from_config(text_config)
         return cls(star, vqvae, text_encoder, sampler, device, dtype, text_config, generation)
@@ -125,9 +131,8 @@ class StarPipeline:
     @classmethod
     def from_args(cls, args) -> StarPipeline:
         """The pipeline named by the options of ``add_pipeline_args`` (``args.ckpt`` must be set)."""
-        text = (args.text_encoder, args.text_encoder_path) if args.text_encoder else None
-        return cls.from_pretrained(args.ckpt, vae=args.vae, text_encoder=text, preset=args.preset,
-                                   device=args.device, dtype=args.dtype)
+        return cls.from_pretrained(args.ckpt, vae=args.vae, text_encoder=args.text_encoder, preset=args.preset,
+                                   device=args.device, dtype=args.dtype, text_encoder_path=args.text_encoder_path)
 
     @classmethod
     def tiny_random(cls, seed: int = 0, device: str | torch.device = "cpu") -> StarPipeline:
@@ -231,7 +236,7 @@ def add_pipeline_args(parser: argparse.ArgumentParser, ckpt_help: str) -> None:
     group.add_argument("--preset", choices=sorted(OFFICIAL_PRESETS), help="architecture of an official .pth")
     group.add_argument("--vae", help="VQ-VAE: our directory or VAR's vae_ch160v4096z32.pth (default: from --ckpt)")
     group.add_argument("--text-encoder", help="hf-clip | open_clip | t5 | tiny | minilm (default: from --ckpt)")
-    group.add_argument("--text-encoder-path", help="local weights of the text encoder")
+    group.add_argument("--text-encoder-path", help="local weights of the text encoder (default: from --ckpt)")
     group.add_argument("--device", type=cli.device_arg, default=cli.default_device())
     group.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (CUDA autocast; default bf16 there)")
 

@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+import sample
 from models import build_star, build_vqvae, star_config, vqvae_config
 from models.pipeline import StarPipeline, keep_masks
 from models.sampler import SamplerHead
-from models.text_encoder import build_text_encoder
+from models.text_encoder import TextEncoderError, build_text_encoder
 from tests.helpers import REPO
+from utils import cli
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +271,25 @@ def test_saved_text_config_rebuilds_the_same_tiny_encoder(pipe, tmp_path):
     custom.save_pretrained(tmp_path / "p")
     loaded = StarPipeline.from_pretrained(tmp_path / "p")
     assert loaded.text_encoder.identity == one_layer.identity != pipe.text_encoder.identity
+
+
+def test_text_encoder_options_keep_what_the_directory_records(pipe, tmp_path, capsys):
+    """--text-encoder naming the recorded kind keeps its recorded settings (it used to rebuild the tiny encoder at
+    its default depth, a different encoder); --text-encoder-path alone moves the weights (it used to be ignored,
+    so a pipeline trained elsewhere could not find its CLIP)."""
+    one_layer = build_text_encoder("tiny", layers=1)
+    StarPipeline(pipe.star, pipe.vqvae, one_layer, pipe.sampler,
+                 text_config={"encoder": "tiny", "path": None, "tiny_layers": 1}).save_pretrained(tmp_path / "tiny")
+    assert StarPipeline.from_pretrained(tmp_path / "tiny", text_encoder="tiny").text_encoder.identity == \
+        one_layer.identity
+    # Another kind starts afresh: nothing recorded for the tiny encoder applies to it.
+    with pytest.raises(TextEncoderError, match="needs a local path"):
+        StarPipeline.from_pretrained(tmp_path / "tiny", text_encoder="open_clip")
+
+    clip = tmp_path / "clip"
+    StarPipeline(pipe.star, pipe.vqvae, pipe.text_encoder, pipe.sampler,
+                 text_config={"encoder": "hf-clip", "path": "/models/elsewhere"}).save_pretrained(clip)
+    moved = str(tmp_path / "here")
+    for argv in (["--text-encoder-path", moved], ["--text-encoder", "hf-clip", "--text-encoder-path", moved]):
+        assert cli.run(sample.main, ["--ckpt", str(clip), "--prompt", "a", "--out", str(tmp_path / "o"), *argv]) == 2
+        assert f"no CLIP text encoder at {moved}" in capsys.readouterr().err
