@@ -52,6 +52,18 @@ def test_pack_folder_counts_and_dataset(photo_folder, tmp_path):
     assert again["shards_written"] == 0 and again["shards_reused"] == 3 and again["packed"] == 6
 
 
+def test_two_data_sets_over_the_same_shards_both_read_them(photo_folder, tmp_path):
+    """LMDB opens a path once per process: the second data set (validation data that is the training data, a
+    notebook building one twice) used to find every record 'unreadable' and end in 'no readable record'."""
+    pack(folder_items(photo_folder), tmp_path / "out", PackOptions(shard_size=4))
+    train = LMDBImageTextDataset([tmp_path / "out"], ImageTransform(16))
+    val = LMDBImageTextDataset([tmp_path / "out"], ImageTransform(16))
+    for i in range(len(train)):
+        a, b = train[i], val[i]
+        assert a["record"] == b["record"] == i and torch.equal(a["image"], b["image"])
+    assert train.skipped == val.skipped == 0
+
+
 def test_records_of_two_folders_with_the_same_file_names_stay_distinct(tmp_path):
     # Two photo folders packed separately both hold "a.png": the items' source ids collide, their record numbers
     # (what the token cache keys on) must not, or a cache would serve one image's tokens for the other.

@@ -17,7 +17,7 @@ from metrics.fid import (
     load_stats,
     save_stats,
 )
-from tests.helpers import load_script
+from tests.helpers import StandInInception, load_script
 
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
@@ -97,15 +97,6 @@ def test_cmmd_equals_naive_reference_and_grows_with_shift(tiny_clip):
     assert cmmd(x, x) == 0.0
     shifts = [cmmd(x, x + s) for s in (0.0, 0.1, 0.3, 1.0)]
     assert shifts[0] == 0 and all(a < b for a, b in zip(shifts, shifts[1:]))
-
-
-class StandInInception:
-    """A fixed random projection of pooled pixels: the FID code path without the real Inception weights."""
-    def __init__(self):
-        self.proj = torch.randn(3 * 8 * 8, 12, generator=torch.Generator().manual_seed(5))
-
-    def __call__(self, images):
-        return (F.adaptive_avg_pool2d(images, 8).flatten(1) @ self.proj).double().numpy()
 
 
 def test_eval_mjhq_end_to_end_on_a_fake_layout(tmp_path, tiny_clip):

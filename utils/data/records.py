@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -55,6 +56,20 @@ def open_readonly(path: str | Path, subdir: bool = True) -> lmdb.Environment:
                      max_readers=512)
 
 
+# LMDB lets a process open an environment once: a second open of the same path fails ("already open in this
+# process"), which made every record of a second data set over the same shards (validation data that is the
+# training data, a notebook building a data set twice) look unreadable. Shards share one per path and process.
+_SHARED_ENVS: dict[tuple[int, str], lmdb.Environment] = {}
+
+
+def shared_readonly(path: str | Path, subdir: bool = True) -> lmdb.Environment:
+    """``open_readonly(path)``, opened once per process and shared by every reader of that path."""
+    key = (os.getpid(), str(Path(path).resolve()))
+    if key not in _SHARED_ENVS:
+        _SHARED_ENVS[key] = open_readonly(path, subdir)
+    return _SHARED_ENVS[key]
+
+
 class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module, name):  # official packs hold str / bytes / list only
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an official LMDB pack")
@@ -70,7 +85,6 @@ class Shard:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._env, self._pid = None, None
         if (self.path.parent / f"{self.path.name}.index.json").is_file():  # ours
             self.official = False
             self.sizes = [tuple(s) for s in json.loads((self.path.parent / f"{self.path.name}.index.json").read_text())]
@@ -89,10 +103,7 @@ class Shard:
 
     @property
     def env(self) -> lmdb.Environment:
-        import os
-        if self._env is None or self._pid != os.getpid():
-            self._env, self._pid = open_readonly(self.path, subdir=not self.official), os.getpid()
-        return self._env
+        return shared_readonly(self.path, subdir=not self.official)  # per process: opened after workers fork
 
     def read(self, i: int) -> tuple[dict, bytes]:
         with self.env.begin(buffers=False) as txn:
