@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Pre-compute the caption-embedding cache for packed LMDB data (every caption field, plus "").
 
-    python scripts/cache_text.py --data data/shapes --encoder tiny --cache outputs/text_cache
+    python scripts/cache_text.py --data data/shapes --config configs/shapes_star.json   # the run's text settings
     python scripts/cache_text.py --data data/laion --encoder hf-clip --encoder-path /models/sd21 --cache cache/
 
-Training with the same encoder and cache directory then never runs the text encoder for these captions.
+The cache is keyed by the encoder's identity (kind, weights, the tiny encoder's depth): training reads it only
+with the same encoder, so ``--config`` (the run config's "text" section: encoder, path, tiny_layers, cache_dir)
+is the safe way to name it; flags given as well override the file. Unreadable records are skipped and counted.
 """
 import argparse
 import json
@@ -17,31 +19,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from tqdm import tqdm  # noqa: E402
 
 from models.text_cache import CachedTextEncoder  # noqa: E402
-from models.text_encoder import build_text_encoder  # noqa: E402
+from models.text_encoder import text_encoder_from_config  # noqa: E402
+from trainer.config import TextConfig  # noqa: E402
 from utils import cli  # noqa: E402
+from utils.config import ConfigError, from_dict, to_dict  # noqa: E402
 from utils.data.records import Shard, find_shards  # noqa: E402
+
+
+def text_settings(args) -> dict:
+    """The "text" section of --config (if any) with the flags given on top, as a run config holds it."""
+    text = {}
+    if args.config:
+        try:
+            text = json.loads(Path(args.config).read_text()).get("text", {})
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read the run config {args.config}: {e}") from None
+    flags = {"encoder": args.encoder, "path": args.encoder_path, "tiny_layers": args.tiny_layers,
+             "cache_dir": args.cache}
+    text = to_dict(from_dict(TextConfig, {**text, **{k: v for k, v in flags.items() if v is not None}}, "text."))
+    if not text["cache_dir"]:
+        raise ConfigError("no cache directory: pass --cache DIR (or a --config whose text.cache_dir is set)")
+    if not args.config and args.encoder is None:
+        raise ConfigError("name the encoder: --config <run config> or --encoder KIND")
+    return text
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", required=True, help="LMDB shard folders")
-    p.add_argument("--encoder", required=True, choices=["hf-clip", "open_clip", "t5", "tiny", "minilm"])
+    p.add_argument("--config", help="a run config: its text section names encoder, weights and cache")
+    p.add_argument("--encoder", choices=["hf-clip", "open_clip", "t5", "tiny", "minilm"])
     p.add_argument("--encoder-path", default=None)
-    p.add_argument("--cache", required=True)
+    p.add_argument("--tiny-layers", type=cli.positive_int, help="depth of the tiny encoder (text.tiny_layers)")
+    p.add_argument("--cache", help="the cache directory (text.cache_dir)")
     p.add_argument("--batch", type=cli.positive_int, default=256)
     p.add_argument("--device", type=cli.device_arg, default="cpu")
     args = p.parse_args()
-    encoder = build_text_encoder(args.encoder, args.encoder_path).to(args.device)
-    cache = CachedTextEncoder(encoder, args.cache)
+    text = text_settings(args)
+    cache = CachedTextEncoder(text_encoder_from_config(text).to(args.device), text["cache_dir"])
     start = time.time()
     seen: set[str] = {""}
-    batch = [""]
+    batch, skipped = [""], 0
     with tqdm(unit="caption", desc="caching", file=sys.stderr) as bar:
         for root in args.data:
             for path in find_shards(root):
                 shard = Shard(path)
                 for i in range(len(shard)):
-                    for caption in shard.read(i)[0]["captions"].values():
+                    try:
+                        captions = shard.read(i)[0]["captions"]
+                    except Exception as e:  # a corrupt record: skip and count, as training does
+                        skipped += 1
+                        bar.write(f"skipping unreadable record {i} of {path} ({type(e).__name__}: {e})")
+                        continue
+                    for caption in captions.values():
                         caption = caption.strip()
                         if caption not in seen:
                             seen.add(caption)
@@ -54,6 +84,7 @@ def main() -> int:
             cache.encode(batch)
             bar.update(len(batch))
     print(json.dumps({"captions": len(seen), "entries": len(cache), "newly_encoded": cache.misses,
+                      "skipped_records": skipped, "encoder": cache.encoder.identity, "cache": text["cache_dir"],
                       "seconds": round(time.time() - start, 2)}))
     return 0
 

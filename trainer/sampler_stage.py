@@ -72,8 +72,8 @@ def with_backbone_settings(cfg: RunConfig) -> RunConfig:
         return dataclasses.replace(cfg, star_train=dataclasses.replace(cfg.star_train, vqvae=str(backbone)))
     if not same_tokenizer(cfg.star_train.vqvae, backbone, cfg.model.patch_nums):
         raise ConfigError(f"star_train.vqvae={cfg.star_train.vqvae} is not the VQ-VAE the backbone was trained "
-                          f"with ({backbone / 'vqvae.safetensors'}): leave star_train.vqvae empty to use the "
-                          f"backbone's")
+                          f"with ({backbone / 'vqvae.safetensors'}): leave star_train.vqvae empty "
+                          f"(--star_train.vqvae=) to use the backbone's")
     return cfg
 
 
