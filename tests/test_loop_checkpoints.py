@@ -1,6 +1,6 @@
 """Checkpoints by time (loop.ckpt_every_minutes), and resuming with other settings: a warning that lists them, or
 a clear error when the model no longer fits."""
-from tests.train_helpers import history, make_vqvae_dir, run_train, star_overrides
+from tests.train_helpers import history, make_vqvae_dir, run_train, star_overrides, vqvae_overrides
 from utils.config import config_changes
 
 
@@ -22,6 +22,21 @@ def test_resume_names_changed_settings_and_refuses_another_architecture(tmp_path
     assert slower.returncode == 0, slower.stderr[-3000:]
     assert "resuming with settings changed since the checkpoint: loop.steps: 3 -> 6; optim.lr: 0.003 -> 0.001" \
         in slower.stderr
+
+
+def test_resume_on_a_data_set_of_another_size_says_so(tmp_path):
+    """Shards added to or removed from the same folders change no setting, but they change the epoch order."""
+    from utils.data.pack import PackOptions, pack, shapes_items
+    pack(shapes_items(48), tmp_path / "data", PackOptions(shard_size=16))
+    args = vqvae_overrides(**{"data.source": "lmdb", "data.lmdb_dirs": str(tmp_path / "data"), "loop.steps": 2,
+                              "loop.ckpt_every": 1, "loop.out_dir": str(tmp_path / "run")})
+    assert run_train(args).returncode == 0
+    same = run_train(args + ["--loop.steps=3"])
+    assert same.returncode == 0 and "the data set has" not in same.stderr, same.stderr[-3000:]
+    (tmp_path / "data" / "shard-00002.done.json").unlink()  # an incomplete shard is not read
+    fewer = run_train(args + ["--loop.steps=4"])
+    assert fewer.returncode == 0, fewer.stderr[-3000:]
+    assert "the data set has 32 records, the checkpoint's run had 48" in fewer.stderr
 
 
 def test_checkpoints_by_time_as_well_as_by_steps(tmp_path):

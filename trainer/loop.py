@@ -158,6 +158,10 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
             log.warning("%d samples per micro-batch over all ranks, the checkpoint's %d (loop.batch_size / "
                         "optim.grad_accum): resuming at the same sample of the epoch (batch %d); the run is not "
                         "identical to an uninterrupted one", micro, saved_micro, batches_in_epoch)
+        saved_size = ckpt.get("dataset_size")
+        if saved_size is not None and saved_size != len(dataset):  # shards added or removed under the same paths
+            log.warning("the data set has %d records, the checkpoint's run had %d: the epoch order differs from "
+                        "here on, so the run is not identical to an uninterrupted one", len(dataset), saved_size)
         rngs = ckpt["rng"]
         if len(rngs) != world:
             log.warning("checkpoint written by %d rank(s), resuming on %d: ranks without a saved RNG state take "
@@ -269,7 +273,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None, "step": step,
                        "epoch": epoch, "batches_in_epoch": batches_in_epoch, "rng": rngs,
-                       "skipped_records": skipped_records,
+                       "skipped_records": skipped_records, "dataset_size": len(dataset),
                        "budget_steps": loop.steps if loop.time_budget_s > 0 and budget_state == "final" else None,
                        "config": json.dumps(to_dict(cfg)),
                        "stage": stage.state_dict() if hasattr(stage, "state_dict") else {}}
