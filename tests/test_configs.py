@@ -77,6 +77,40 @@ def test_progressive_resolution_grows_level_embedding(tmp_path):
     assert torch.equal(big.blocks[1].ffn.fc1.weight, small.blocks[1].ffn.fc1.weight)
 
 
+def test_starting_from_a_run_with_another_text_encoder_or_vqvae_warns(tmp_path):
+    """loop.init_from (progressive resolution) with the encoder and VQ-VAE the source run recorded is silent; with
+    others it warns, naming them (the run itself is legal: the schedule and architecture may change)."""
+    import logging
+
+    from models.checkpoint import load_pretrained_vqvae, save_pretrained
+    from models.vqvae import VQVAE
+    from tests.train_helpers import make_vqvae_dir, star_overrides
+    from trainer.star_stage import StarStage
+    vqvae_dir = make_vqvae_dir(tmp_path / "vqvae")
+
+    def stage(**extra):
+        return StarStage(load_config(RunConfig, None, star_overrides(tmp_path / "run", vqvae_dir, **{
+            "text.tiny_layers": 1, **extra})), torch.device("cpu"))
+
+    stage().export(tmp_path / "source", None)  # the lower-resolution run
+    torch.manual_seed(3)
+    save_pretrained(tmp_path / "other_vqvae", vqvae=VQVAE(load_pretrained_vqvae(vqvae_dir).cfg))
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("star").addHandler(handler)
+    try:
+        stage(**{"loop.init_from": str(tmp_path / "source"), "model.drop_path_rate": 0.2})
+        assert warnings == []
+        stage(**{"loop.init_from": str(tmp_path / "source"), "text.tiny_layers": 2,
+                 "star_train.vqvae": str(tmp_path / "other_vqvae")})
+    finally:
+        logging.getLogger("star").removeHandler(handler)
+    assert len(warnings) == 2
+    assert "was trained with text.tiny_layers=1, this run uses 2" in warnings[0]
+    assert "was trained with another VQ-VAE than star_train.vqvae=" in warnings[1]
+
+
 @pytest.mark.parametrize("override, match", [
     ("--star_train.sample_top_p=3", "top_p must lie in"),
     ("--star_train.sample_top_k=-2", "top_k must be >= 0"),

@@ -19,20 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoint import load_vqvae_for, read_config, save_pretrained
+from models.checkpoint import read_config, save_pretrained
 from models.sampler import SamplerHead, visible_probability
-from models.star import StarConfig
-from trainer.config import RunConfig, TextConfig
+from trainer.config import RunConfig
 from trainer.loop import host_values
 from trainer.optim import with_ema_weights
-from trainer.star_stage import StarStage, load_init_weights
-from utils.config import ConfigError, from_dict, to_dict
-from utils.logging import get_logger
-
-# Settings that shape the backbone's features and tokens; anything else (drop path, the caption cache) is free.
-_FREE_MODEL_KEYS = ("drop_path_rate",)
-_FREE_TEXT_KEYS = ("cache_dir", "path")  # path: the same weights may sit elsewhere on this machine (a warning)
-_TRAINING_STATISTICS = ("quantize.ema_vocab_hit_SV",)  # VQ-VAE codebook usage: not part of the tokenizer
+from trainer.star_stage import (
+    StarStage,
+    load_init_weights,
+    same_tokenizer,
+    settings_differences,
+    warn_if_text_path_differs,
+)
+from utils.config import ConfigError
 
 
 def with_backbone_settings(cfg: RunConfig) -> RunConfig:
@@ -45,24 +44,14 @@ def with_backbone_settings(cfg: RunConfig) -> RunConfig:
     taken as given and ``star_train.vqvae`` is required."""
     backbone = Path(cfg.sampler_train.backbone)
     recorded = read_config(backbone) if backbone.is_dir() else {}
-    differences = []  # (section, key, the backbone's value, this run's)
-    for section, recorded_as, cls, free in (("model", "star", StarConfig, _FREE_MODEL_KEYS),
-                                            ("text", "text", TextConfig, _FREE_TEXT_KEYS)):
-        if recorded_as in recorded:
-            theirs = to_dict(from_dict(cls, recorded[recorded_as], f"{section}."))
-            ours = to_dict(getattr(cfg, section))
-            differences += [(section, key, theirs[key], ours[key]) for key in ours
-                            if key not in free and ours[key] != theirs[key]]
+    differences = settings_differences(recorded, cfg, ("model", "text"))
     if differences:
         listed = "; ".join(f"{section}.{key}: backbone {theirs!r}, this run {ours!r}"
                            for section, key, theirs, ours in differences)
         flags = " ".join(f"--{section}.{key}={_flag_value(theirs)}" for section, key, theirs, _ in differences)
         raise ConfigError(f"sampler_train.backbone={backbone} was trained with other settings than this run's "
                           f"({listed}); a head only fits the backbone's own. Use: {flags}")
-    text_path = recorded.get("text", {}).get("path")
-    if text_path and cfg.text.path and Path(text_path) != Path(cfg.text.path):
-        get_logger().warning("the backbone was trained with text.path=%s, this run reads text.path=%s: they "
-                             "must hold the same encoder weights", text_path, cfg.text.path)
+    warn_if_text_path_differs(recorded, cfg, "the backbone")
     if "vqvae" not in recorded:  # an official .pth, or a directory exported without its tokenizer
         if not cfg.star_train.vqvae:
             raise ConfigError(f"sampler_train.backbone={backbone} brings no VQ-VAE: set --star_train.vqvae (the "
@@ -75,14 +64,6 @@ def with_backbone_settings(cfg: RunConfig) -> RunConfig:
                           f"with ({backbone / 'vqvae.safetensors'}): leave star_train.vqvae empty "
                           f"(--star_train.vqvae=) to use the backbone's")
     return cfg
-
-
-def same_tokenizer(path_a: str | Path, path_b: str | Path, patch_nums) -> bool:
-    """Whether two VQ-VAE checkpoints (ours or VAR's) hold the same weights (codebook usage statistics aside)."""
-    a = load_vqvae_for(str(path_a), patch_nums).state_dict()
-    b = load_vqvae_for(str(path_b), patch_nums).state_dict()
-    return a.keys() == b.keys() and all(
-        key in _TRAINING_STATISTICS or (a[key].shape == b[key].shape and torch.equal(a[key], b[key])) for key in a)
 
 
 def _flag_value(value) -> str:

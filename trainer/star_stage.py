@@ -11,18 +11,26 @@ from metrics.flops import star_training_flops
 from models.checkpoint import (
     adapt_official_state_dict,
     load_vqvae_for,
+    read_config,
     read_official_state_dict,
     read_weights,
     save_pretrained,
 )
 from models.sampler import split_official_state_dict
-from models.star import STAR
+from models.star import STAR, StarConfig
 from models.text_cache import CachedTextEncoder
 from models.text_encoder import text_encoder_from_config
-from trainer.config import RunConfig
+from trainer.config import RunConfig, TextConfig
 from trainer.loop import host_values
 from trainer.optim import with_ema_weights
-from utils.config import ConfigError, to_dict
+from utils.config import ConfigError, from_dict, to_dict
+from utils.logging import get_logger
+
+# Settings that shape a trained transformer's features and tokens; the rest (drop path, the caption cache; the
+# encoder's path, which may differ between machines: a warning) can change between runs.
+_FREE_KEYS = {"model": ("drop_path_rate",), "text": ("cache_dir", "path")}
+_RECORDED_AS = {"model": "star", "text": "text"}  # the sections of an exported directory's config.json
+_TRAINING_STATISTICS = ("quantize.ema_vocab_hit_SV",)  # VQ-VAE codebook usage: not part of the tokenizer
 
 
 def load_init_weights(model: STAR, path: str) -> None:
@@ -32,6 +40,52 @@ def load_init_weights(model: STAR, path: str) -> None:
     state = read_weights(p / "model.safetensors") if p.is_dir() else read_official_state_dict(p)
     state, _ = split_official_state_dict(state)
     model.load_state_dict(adapt_official_state_dict(state, model), strict=True)
+
+
+def settings_differences(recorded: dict, cfg: RunConfig, sections: tuple[str, ...]) -> list[tuple]:
+    """(section, key, recorded value, this run's) for each setting of ``sections`` ("model", "text") in which
+    ``cfg`` differs from an exported directory's config.json (``recorded``), free settings aside."""
+    differences = []
+    for section in sections:
+        if _RECORDED_AS[section] in recorded:
+            cls = StarConfig if section == "model" else TextConfig
+            theirs = to_dict(from_dict(cls, recorded[_RECORDED_AS[section]], f"{section}."))
+            ours = to_dict(getattr(cfg, section))
+            differences += [(section, key, theirs[key], ours[key]) for key in ours
+                            if key not in _FREE_KEYS[section] and ours[key] != theirs[key]]
+    return differences
+
+
+def warn_if_text_path_differs(recorded: dict, cfg: RunConfig, what: str) -> None:
+    text_path = recorded.get("text", {}).get("path")
+    if text_path and cfg.text.path and Path(text_path) != Path(cfg.text.path):
+        get_logger().warning("%s was trained with text.path=%s, this run reads text.path=%s: they must hold the "
+                             "same encoder weights", what, text_path, cfg.text.path)
+
+
+def same_tokenizer(path_a: str | Path, path_b: str | Path, patch_nums) -> bool:
+    """Whether two VQ-VAE checkpoints (ours or VAR's) hold the same weights (codebook usage statistics aside)."""
+    a = load_vqvae_for(str(path_a), patch_nums).state_dict()
+    b = load_vqvae_for(str(path_b), patch_nums).state_dict()
+    return a.keys() == b.keys() and all(
+        key in _TRAINING_STATISTICS or (a[key].shape == b[key].shape and torch.equal(a[key], b[key])) for key in a)
+
+
+def warn_if_started_from_another_setup(cfg: RunConfig) -> None:
+    """Fine-tuning (``loop.init_from``, e.g. progressive resolution) from one of our directories with another
+    text encoder or VQ-VAE than it was trained with starts from features and tokens the weights never saw: legal,
+    rarely meant. The architecture may differ (a longer schedule), so only text and tokenizer are compared."""
+    source = Path(cfg.loop.init_from)
+    if not source.is_dir():
+        return
+    recorded = read_config(source)
+    log = get_logger()
+    for _, key, theirs, ours in settings_differences(recorded, cfg, ("text",)):
+        log.warning("loop.init_from=%s was trained with text.%s=%r, this run uses %r", source, key, theirs, ours)
+    warn_if_text_path_differs(recorded, cfg, f"loop.init_from={source}")
+    if "vqvae" in recorded and not same_tokenizer(source, cfg.star_train.vqvae, cfg.model.patch_nums):
+        log.warning("loop.init_from=%s was trained with another VQ-VAE than star_train.vqvae=%s: its weights "
+                    "start from tokens they never saw", source, cfg.star_train.vqvae)
 
 
 def scale_balanced_weights(lvl: torch.Tensor) -> torch.Tensor:
@@ -80,6 +134,8 @@ class StarStage:
                               f"on {device.type}): use --star_train.attention=sdpa")
         self.model.set_attention_kernel(cfg.star_train.attention)
         self.vqvae = load_vqvae_for(cfg.star_train.vqvae, cfg.model.patch_nums).to(device)
+        if cfg.loop.init_from:
+            warn_if_started_from_another_setup(cfg)
         unfit = [f"--model.{key}={getattr(self.vqvae.cfg, key)}" for key in ("vocab_size", "z_channels")
                  if getattr(cfg.model, key) != getattr(self.vqvae.cfg, key)]
         if unfit:  # the transformer reads the VQ-VAE's code vectors and predicts its token ids
