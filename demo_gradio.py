@@ -33,7 +33,7 @@ def build_demo(pipe: StarPipeline, note: str = "", max_images: int = 4) -> gr.Bl
             raise gr.Error("Enter a prompt.")
         if (image is None) != (mask is None):
             raise gr.Error("Editing needs both an image and a mask (white = regenerate).")
-        seed = random.randrange(2 ** 31) if randomize else int(seed)
+        seed = random.randrange(2 ** 31) if randomize or seed is None else int(seed)  # a cleared box: a new one
         kwargs = dict(negative_prompt=negative or "", cfg=float(cfg), top_k=int(top_k), top_p=float(top_p),
                       seed=seed, use_sampler=bool(use_sampler) and has_sampler,
                       num_images=max(1, min(int(num_images), max_images)))

@@ -95,8 +95,6 @@ def parse_args(argv=None):
         p.error("--edit-image and --edit-mask go together")
     if args.edit_image and args.prompt is None:
         p.error("editing takes one --prompt")
-    if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
     return args
 
 
