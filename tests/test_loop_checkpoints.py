@@ -25,7 +25,8 @@ def test_resume_names_changed_settings_and_refuses_another_architecture(tmp_path
 
 
 def test_resume_on_a_data_set_of_another_size_says_so(tmp_path):
-    """Shards added to or removed from the same folders change no setting, but they change the epoch order."""
+    """Shards added to or removed from the same folders change no setting, but they change the epoch order. A
+    finished run started again says that it is complete."""
     from utils.data.pack import PackOptions, pack, shapes_items
     pack(shapes_items(48), tmp_path / "data", PackOptions(shard_size=16))
     args = vqvae_overrides(**{"data.source": "lmdb", "data.lmdb_dirs": str(tmp_path / "data"), "loop.steps": 2,
@@ -37,6 +38,8 @@ def test_resume_on_a_data_set_of_another_size_says_so(tmp_path):
     fewer = run_train(args + ["--loop.steps=4"])
     assert fewer.returncode == 0, fewer.stderr[-3000:]
     assert "the data set has 32 records, the checkpoint's run had 48" in fewer.stderr
+    again = run_train(args + ["--loop.steps=4"])  # the same command once more: says it has nothing to do
+    assert again.returncode == 0 and "the run is complete (loop.steps=4)" in again.stderr, again.stderr[-3000:]
 
 
 def test_checkpoints_by_time_as_well_as_by_steps(tmp_path):

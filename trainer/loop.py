@@ -168,6 +168,9 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
                         "rank 0's; the run is not identical to an uninterrupted one", len(rngs), world)
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch, batches_in_epoch)
+        if step >= loop.steps:
+            log.info("the run is complete (loop.steps=%d): nothing to train, final/ is exported again; raise "
+                     "--loop.steps to train further", loop.steps)
     else:
         torch.manual_seed(loop.seed + rank)
     history_path = out_dir / "log.txt"
