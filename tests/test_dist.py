@@ -53,3 +53,20 @@ def test_two_processes_all_reduce(launcher):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" ok 1.5") == 2, proc.stdout
+
+
+def test_train_ddp_script_runs_with_the_venv_python_only(tmp_path):
+    """scripts/train_ddp.sh counted GPUs with the system's python3, which on a machine like this one has no
+    torch: the script ended there. Here python3 on PATH is one that always fails."""
+    from tests.train_helpers import vqvae_overrides
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\necho 'not this python' >&2\nexit 1\n")
+    (fake / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUS_PER_NODE", "STAR_VENV")}
+    env.update(PATH=f"{fake}:{env['PATH']}", STAR_VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1")
+    args = vqvae_overrides(**{"loop.steps": 1, "loop.out_dir": str(tmp_path / "run"), "data.shapes_count": 16})
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "train_ddp.sh"), str(REPO / "configs" / "shapes_vqvae.json"),
+                           *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "final" / "vqvae.safetensors").is_file()
