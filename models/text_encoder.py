@@ -277,8 +277,8 @@ def text_encoder_from_config(text: dict) -> TextEncoder:
 
 def _need(path: str | None, kind: str) -> str:
     if not path:
-        raise TextEncoderError(f"the {kind!r} text encoder needs a local path (text_encoder.path); nothing is "
-                               "downloaded at run time")
+        raise TextEncoderError(f"the {kind!r} text encoder needs a local path (training: --text.path; sample.py "
+                               "and the demo: --text-encoder-path); nothing is downloaded at run time")
     return path
 
 
