@@ -6,7 +6,8 @@
     python scripts/eval_shapes.py --ckpt DIR --no-sampler --forced-scales 0,3,5  # where accuracy is lost
 
 Prompts: the first --count held-out prompts (half one-object, half two-object with a relation), fixed seeds.
-Sampling settings not given on the command line are the pipeline's own defaults (config.json "generation").
+Sampling settings not given on the command line are the pipeline's own defaults (config.json "generation");
+the sampler head is used when the pipeline has one (--no-sampler: the backbone's own sampling).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from utils import cli  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="pipeline directory")
+    p.add_argument("--device", type=cli.device_arg, default=cli.default_device())
     p.add_argument("--out", type=Path, default=Path("outputs/eval_shapes"))
     p.add_argument("--count", type=cli.positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -42,25 +44,29 @@ def main(argv=None) -> int:
                         "tokens of each prompt's rendered reference image and the model generates the rest "
                         "(which scales lose accuracy; K = number of scales gives the reconstructions)")
     args = p.parse_args(argv)
-    pipe = StarPipeline.from_pretrained(args.ckpt)
+    pipe = StarPipeline.from_pretrained(args.ckpt, device=args.device)
+    if args.compare_sampler and pipe.sampler is None:
+        raise cli.InputError(f"{args.ckpt} has no sampler head to compare with")
     args.out.mkdir(parents=True, exist_ok=True)
     runs = {"with_sampler": (True, 0), "without_sampler": (False, 0)} if args.compare_sampler else \
-        {"result": (not args.no_sampler, 0)}
+        {"result": (not args.no_sampler and pipe.sampler is not None, 0)}  # the head when there is one
     if args.forced_scales:
-        forced = [int(k) for k in args.forced_scales.split(",")]
+        try:
+            forced = [int(k) for k in args.forced_scales.split(",")]
+        except ValueError:
+            raise cli.InputError(f"--forced-scales takes comma-separated integers, got {args.forced_scales!r}") \
+                from None
         if any(not 0 <= k <= pipe.star.num_scales for k in forced):
-            raise SystemExit(f"--forced-scales values must lie in 0..{pipe.star.num_scales}, got {forced}")
+            raise cli.InputError(f"--forced-scales values must lie in 0..{pipe.star.num_scales}, got {forced}")
         runs = {f"{name}_forced{k}": (use_sampler, k) for name, (use_sampler, _) in runs.items() for k in forced}
     sampling = pipe.generation_settings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                         guidance_schedule=args.guidance)
     report: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "sampling": sampling}
     for name, (use_sampler, forced_scales) in runs.items():
-        if use_sampler and pipe.sampler is None:
-            raise SystemExit(f"{args.ckpt} has no sampler head")
         start = time.perf_counter()
         res = evaluate_pipeline(pipe, args.count, args.seed, args.batch_size, forced_scales, **sampling,
                                 use_sampler=use_sampler)
-        report[name] = {"summary": res["summary"], "seconds": time.perf_counter() - start,
+        report[name] = {"summary": res["summary"], "seconds": time.perf_counter() - start, "use_sampler": use_sampler,
                         "prompts": [{"prompt": r["prompt"], "kind": r["kind"], **r["verdict"]} for r in res["rows"]]}
         examples_sheet(res["images"], res["rows"], args.out / f"examples_{name}.png")
         print(f"== {name}\n{format_table(res['summary'])}")

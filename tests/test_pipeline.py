@@ -245,6 +245,23 @@ def test_eval_shapes_script_writes_table_and_examples(pipe, tmp_path):
     assert "all_correct" in proc.stdout
 
 
+def test_eval_shapes_on_a_pipeline_without_a_head(pipe, tmp_path, capsys):
+    """The backbone samples when there is no head (it used to stop unless --no-sampler was given); asking to
+    compare with a head that is not there, or a malformed --forced-scales, is an input error (exit 2)."""
+    from tests.helpers import load_script
+    StarPipeline(pipe.star, pipe.vqvae, pipe.text_encoder, None, text_config=pipe.text_config).save_pretrained(
+        tmp_path / "p")
+    eval_shapes = load_script("eval_shapes")
+    argv = ["--ckpt", str(tmp_path / "p"), "--count", "2", "--out", str(tmp_path / "e")]
+    assert cli.run(eval_shapes.main, argv) == 0
+    report = json.loads((tmp_path / "e" / "judge.json").read_text())
+    assert report["result"]["use_sampler"] is False and report["result"]["summary"]["overall"]["n"] == 2
+    assert cli.run(eval_shapes.main, argv + ["--compare-sampler"]) == 2
+    assert "has no sampler head to compare with" in capsys.readouterr().err
+    assert cli.run(eval_shapes.main, argv + ["--forced-scales", "0,x"]) == 2
+    assert "--forced-scales takes comma-separated integers" in capsys.readouterr().err
+
+
 def test_eval_with_every_scale_forced_gives_the_vqvae_reconstructions(pipe):
     """The ceiling diagnosis: forcing every scale to the reference image's tokens must reproduce the VQ-VAE's own
     reconstruction (computed here by the independent img_to_idx -> idx_to_img path); forcing none is the plain run."""
