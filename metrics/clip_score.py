@@ -13,6 +13,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 
+def find_clip_weights(weights: str | Path | None, model_name: str) -> Path:
+    """The local open_clip checkpoint ``weights``; FileNotFoundError saying what to pass when it is not there."""
+    if weights is None or not Path(weights).is_file():
+        raise FileNotFoundError(f"CLIP weights not found: {weights}. Pass the local open_clip checkpoint of "
+                                f"{model_name} (--clip-weights FILE); nothing is downloaded here")
+    return Path(weights)
+
+
 class ClipEmbedder:
     """L2-normalised image and text embeddings of an open_clip model (``model`` built elsewhere, or by name
     from a local weights file)."""
@@ -21,9 +29,7 @@ class ClipEmbedder:
                  preprocess=None, device: str | torch.device = "cpu"):
         import open_clip
         if model is None:
-            if weights is None or not Path(weights).is_file():
-                raise FileNotFoundError(f"CLIP weights not found: {weights}. Pass the local open_clip checkpoint "
-                                        f"of {model_name} (--clip-weights FILE); nothing is downloaded here")
+            weights = find_clip_weights(weights, model_name)
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights))
         self.model = model.to(device).eval()
         self.preprocess = preprocess

@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from metrics.clip_score import ClipEmbedder, clip_score  # noqa: E402
+from metrics.clip_score import ClipEmbedder, clip_score, find_clip_weights  # noqa: E402
 from metrics.cmmd import cmmd  # noqa: E402
-from metrics.fid import InceptionFeatures, feature_stats, frechet_distance  # noqa: E402
+from metrics.fid import InceptionFeatures, feature_stats, find_inception_weights, frechet_distance  # noqa: E402
 from models.pipeline import StarPipeline, add_pipeline_args  # noqa: E402
 from utils import cli, dist  # noqa: E402
 
@@ -122,6 +122,17 @@ def radar_plot(metrics: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def check_scoring_inputs(items: list[dict], args) -> None:
+    """The Inception and CLIP weights and every reference image the scoring reads, before any generation."""
+    find_inception_weights(args.inception_weights)  # FileNotFoundError naming the file to fetch
+    find_clip_weights(args.clip_weights, args.clip_model)
+    missing = [f"{it['category']}/{it['name']}.jpg" for it in items
+               if not (args.images / it["category"] / f"{it['name']}.jpg").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(items)} reference images are missing under {args.images} "
+                                f"(first: {missing[0]}): --images is MJHQ's image root, <category>/<name>.jpg")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--meta", required=True, type=Path, help="MJHQ meta_data.json")
@@ -151,16 +162,18 @@ def main(argv=None, pipe: StarPipeline | None = None, extractors: tuple | None =
         args.device = str(device)
     items = read_meta(args.meta, args.per_category)
     gen_dir = args.out / "generated"
+    if extractors is None:  # hours of generation must not end in a missing file: check what scoring reads now
+        check_scoring_inputs(items, args)
     if pipe is None and not args.skip_generation:
         if args.ckpt is None:
-            raise SystemExit("--ckpt is required to generate (or pass --skip-generation)")
+            raise cli.InputError("--ckpt is required to generate (or pass --skip-generation)")
         pipe = StarPipeline.from_args(args)
     if not args.skip_generation:
         generated = generate(pipe, items, gen_dir, args)
         print(json.dumps({"rank": dist.get_rank(), "generated": generated}), flush=True)
     dist.barrier()
     if dist.get_rank() == 0:
-        if extractors is None:  # fail before any work if weights are missing, with the message saying which
+        if extractors is None:
             extractors = (InceptionFeatures(args.inception_weights, args.device),
                           ClipEmbedder(args.clip_model, args.clip_weights, device=args.device))
         size = Image.open(next(gen_dir.rglob("*.png"))).size[0]

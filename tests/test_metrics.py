@@ -99,20 +99,25 @@ def test_cmmd_equals_naive_reference_and_grows_with_shift(tiny_clip):
     assert shifts[0] == 0 and all(a < b for a, b in zip(shifts, shifts[1:]))
 
 
-def test_eval_mjhq_end_to_end_on_a_fake_layout(tmp_path, tiny_clip):
-    eval_mjhq = load_script("eval_mjhq")
-    from models.pipeline import StarPipeline
+def fake_mjhq_layout(root, count: int) -> list[str]:
+    """MJHQ's layout (meta_data.json, <category>/<name>.jpg) with random images; eval_mjhq.py's arguments."""
     rng = np.random.default_rng(6)
     meta = {}
-    for i in range(10):
+    for i in range(count):
         cat = ("animals", "people")[i % 2]
         name = f"img{i:03d}"
         meta[name] = {"category": cat, "prompt": f"a photo number {i} of {cat}"}
-        (tmp_path / "imgs" / cat).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cat / f"{name}.jpg")
-    (tmp_path / "meta_data.json").write_text(json.dumps(meta))
-    args = ["--meta", str(tmp_path / "meta_data.json"), "--images", str(tmp_path / "imgs"), "--out",
-            str(tmp_path / "out"), "--top-k", "0", "--top-p", "0", "--batch-size", "4"]
+        (root / "imgs" / cat).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(root / "imgs" / cat / f"{name}.jpg")
+    (root / "meta_data.json").write_text(json.dumps(meta))
+    return ["--meta", str(root / "meta_data.json"), "--images", str(root / "imgs"), "--out", str(root / "out"),
+            "--top-k", "0", "--top-p", "0", "--batch-size", "4"]
+
+
+def test_eval_mjhq_end_to_end_on_a_fake_layout(tmp_path, tiny_clip):
+    eval_mjhq = load_script("eval_mjhq")
+    from models.pipeline import StarPipeline
+    args = fake_mjhq_layout(tmp_path, 10)
     pipe = StarPipeline.tiny_random()
     assert eval_mjhq.main(args, pipe=pipe, extractors=(StandInInception(), tiny_clip)) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -123,3 +128,24 @@ def test_eval_mjhq_end_to_end_on_a_fake_layout(tmp_path, tiny_clip):
     assert len(list((tmp_path / "out" / "generated").rglob("*.png"))) == 10
     assert (tmp_path / "out" / "radar.png").stat().st_size > 10_000
     assert metrics["cmmd"]["overall"] > 0 and metrics["fid"]["overall"] > 0
+
+
+def test_eval_mjhq_checks_what_scoring_reads_before_generating(tmp_path, capsys):
+    """Missing Inception or CLIP weights, or reference images, used to surface after the whole generation."""
+    from models.pipeline import StarPipeline
+    from utils import cli
+    eval_mjhq = load_script("eval_mjhq")
+    args = fake_mjhq_layout(tmp_path, 4)
+    (tmp_path / "imgs" / "people" / "img003.jpg").unlink()
+    weights = {"--inception-weights": tmp_path / "inception.pth", "--clip-weights": tmp_path / "clip.pt"}
+    args += [str(x) for flag, path in weights.items() for x in (flag, path)]
+    for missing, message in (("--inception-weights", "FID Inception weights not found"),
+                             ("--clip-weights", "CLIP weights not found"),
+                             (None, "1 of 4 reference images are missing under")):
+        if missing is not None:
+            weights[missing].unlink(missing_ok=True)
+        assert cli.run(lambda: eval_mjhq.main(args, pipe=StarPipeline.tiny_random())) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out" / "generated").exists()
+        for path in weights.values():
+            path.write_bytes(b"stand-in")
