@@ -44,7 +44,7 @@ def text_settings(args) -> dict:
     return text
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", required=True, help="LMDB shard folders")
     p.add_argument("--config", help="a run config: its text section names encoder, weights and cache")
@@ -54,7 +54,7 @@ def main() -> int:
     p.add_argument("--cache", help="the cache directory (text.cache_dir)")
     p.add_argument("--batch", type=cli.positive_int, default=256)
     p.add_argument("--device", type=cli.device_arg, default="cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     text = text_settings(args)
     cache = CachedTextEncoder(text_encoder_from_config(text).to(args.device), text["cache_dir"])
     start = time.time()
@@ -86,6 +86,7 @@ def main() -> int:
     print(json.dumps({"captions": len(seen), "entries": len(cache), "newly_encoded": cache.misses,
                       "skipped_records": skipped, "encoder": cache.encoder.identity, "cache": text["cache_dir"],
                       "seconds": round(time.time() - start, 2)}))
+    cache.close()
     return 0
 
 

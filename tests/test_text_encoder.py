@@ -129,32 +129,32 @@ def test_minilm_backend_is_pretrained_and_offline():
     assert 0.0 < sim < 0.99
 
 
-def test_cache_text_script_covers_packed_captions_with_the_runs_encoder(tmp_path):
+def test_cache_text_script_covers_packed_captions_with_the_runs_encoder(tmp_path, capsys):
     """With --config the cache holds what training with that config looks up (it used to build the tiny encoder
     at its default depth whatever the run used: the shapes runs' one-layer encoder missed every entry)."""
     import json
-    import subprocess
-    import sys
 
     from models.text_cache import CachedTextEncoder
-    from tests.helpers import REPO
+    from tests.helpers import load_script
     from utils.data.pack import PackOptions, pack, shapes_items
     from utils.data.shapes import make_sample
     pack(shapes_items(30), tmp_path / "data", PackOptions(shard_size=16))
     text = {"encoder": "tiny", "tiny_layers": 1, "cache_dir": str(tmp_path / "cache")}
     (tmp_path / "run.json").write_text(json.dumps({"stage": "star", "text": text}))
-    cmd = [sys.executable, str(REPO / "scripts" / "cache_text.py"), "--data", str(tmp_path / "data"),
-           "--config", str(tmp_path / "run.json")]
-    first = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-    second = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    cache_text = load_script("cache_text")
+
+    def run(*extra):
+        assert cache_text.main(["--data", str(tmp_path / "data"), "--config", str(tmp_path / "run.json"), *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+    first, second = run(), run()
     assert first["entries"] == first["captions"] == first["newly_encoded"] and second["newly_encoded"] == 0
     assert ":l1:" in first["encoder"] and first["skipped_records"] == 0
     training = CachedTextEncoder(text_encoder_from_config({**text, "path": None}), text["cache_dir"])
     training.encode([make_sample(i).caption for i in range(30)] + [""])
     assert training.misses == 0 and training.hits == 31
+    training.close()
     # A flag overrides the file: another depth is another encoder, so every caption is new to the cache.
-    other = json.loads(subprocess.run(cmd + ["--tiny-layers", "2"], capture_output=True, text=True,
-                                      check=True).stdout)
+    other = run("--tiny-layers", "2")
     assert ":l2:" in other["encoder"] and other["newly_encoded"] == first["captions"]
 
 
