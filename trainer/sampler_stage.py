@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoint import read_config, save_pretrained
+from models.checkpoint import load_vqvae_for, read_config, save_pretrained
 from models.sampler import SamplerHead, visible_probability
 from trainer.config import RunConfig
 from trainer.loop import host_values
@@ -59,7 +59,7 @@ def with_backbone_settings(cfg: RunConfig) -> RunConfig:
         return cfg
     if not cfg.star_train.vqvae:
         return dataclasses.replace(cfg, star_train=dataclasses.replace(cfg.star_train, vqvae=str(backbone)))
-    if not same_tokenizer(cfg.star_train.vqvae, backbone, cfg.model.patch_nums):
+    if not same_tokenizer(load_vqvae_for(cfg.star_train.vqvae, cfg.model.patch_nums), backbone, cfg.model.patch_nums):
         raise ConfigError(f"star_train.vqvae={cfg.star_train.vqvae} is not the VQ-VAE the backbone was trained "
                           f"with ({backbone / 'vqvae.safetensors'}): leave star_train.vqvae empty "
                           f"(--star_train.vqvae=) to use the backbone's")

@@ -20,6 +20,7 @@ from models.sampler import split_official_state_dict
 from models.star import STAR, StarConfig
 from models.text_cache import CachedTextEncoder
 from models.text_encoder import text_encoder_from_config
+from models.vqvae import VQVAE
 from trainer.config import RunConfig, TextConfig
 from trainer.loop import host_values
 from trainer.optim import with_ema_weights
@@ -63,18 +64,20 @@ def warn_if_text_path_differs(recorded: dict, cfg: RunConfig, what: str) -> None
                              "same encoder weights", what, text_path, cfg.text.path)
 
 
-def same_tokenizer(path_a: str | Path, path_b: str | Path, patch_nums) -> bool:
-    """Whether two VQ-VAE checkpoints (ours or VAR's) hold the same weights (codebook usage statistics aside)."""
-    a = load_vqvae_for(str(path_a), patch_nums).state_dict()
-    b = load_vqvae_for(str(path_b), patch_nums).state_dict()
+def same_tokenizer(vqvae: VQVAE, path: str | Path, patch_nums) -> bool:
+    """Whether ``vqvae`` holds the weights of the VQ-VAE checkpoint at ``path`` (ours or VAR's; codebook usage
+    statistics aside)."""
+    a, b = vqvae.state_dict(), load_vqvae_for(str(path), patch_nums).state_dict()
     return a.keys() == b.keys() and all(
-        key in _TRAINING_STATISTICS or (a[key].shape == b[key].shape and torch.equal(a[key], b[key])) for key in a)
+        key in _TRAINING_STATISTICS or (a[key].shape == b[key].shape and torch.equal(a[key].cpu(), b[key]))
+        for key in a)
 
 
-def warn_if_started_from_another_setup(cfg: RunConfig) -> None:
+def warn_if_started_from_another_setup(cfg: RunConfig, vqvae: VQVAE) -> None:
     """Fine-tuning (``loop.init_from``, e.g. progressive resolution) from one of our directories with another
-    text encoder or VQ-VAE than it was trained with starts from features and tokens the weights never saw: legal,
-    rarely meant. The architecture may differ (a longer schedule), so only text and tokenizer are compared."""
+    text encoder or VQ-VAE (``vqvae``: this run's, loaded) than it was trained with starts from features and
+    tokens the weights never saw: legal, rarely meant. The architecture may differ (a longer schedule), so only
+    text and tokenizer are compared."""
     source = Path(cfg.loop.init_from)
     if not source.is_dir():
         return
@@ -83,7 +86,7 @@ def warn_if_started_from_another_setup(cfg: RunConfig) -> None:
     for _, key, theirs, ours in settings_differences(recorded, cfg, ("text",)):
         log.warning("loop.init_from=%s was trained with text.%s=%r, this run uses %r", source, key, theirs, ours)
     warn_if_text_path_differs(recorded, cfg, f"loop.init_from={source}")
-    if "vqvae" in recorded and not same_tokenizer(source, cfg.star_train.vqvae, cfg.model.patch_nums):
+    if "vqvae" in recorded and not same_tokenizer(vqvae, source, cfg.model.patch_nums):
         log.warning("loop.init_from=%s was trained with another VQ-VAE than star_train.vqvae=%s: its weights "
                     "start from tokens they never saw", source, cfg.star_train.vqvae)
 
@@ -135,7 +138,7 @@ class StarStage:
         self.model.set_attention_kernel(cfg.star_train.attention)
         self.vqvae = load_vqvae_for(cfg.star_train.vqvae, cfg.model.patch_nums).to(device)
         if cfg.loop.init_from:
-            warn_if_started_from_another_setup(cfg)
+            warn_if_started_from_another_setup(cfg, self.vqvae)
         unfit = [f"--model.{key}={getattr(self.vqvae.cfg, key)}" for key in ("vocab_size", "z_channels")
                  if getattr(cfg.model, key) != getattr(self.vqvae.cfg, key)]
         if unfit:  # the transformer reads the VQ-VAE's code vectors and predicts its token ids
