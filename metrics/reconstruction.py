@@ -14,10 +14,15 @@ import torch.nn.functional as F
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 
 
-def psnr_per_image(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-    """(N,) PSNR in dB of each reconstruction (an exact one: 100 dB, i.e. MSE floored at 1e-10)."""
-    mse = (rec.double() - img.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+def psnr_db(mse: float) -> float:
+    """PSNR in dB of images in [0, 1] from their mean squared error (an exact match: 100 dB, MSE floored at
+    1e-10)."""
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
+
+
+def psnr_per_image(rec: torch.Tensor, img: torch.Tensor) -> list[float]:
+    """PSNR in dB of each reconstruction."""
+    return [psnr_db(mse) for mse in (rec.double() - img.double()).pow(2).flatten(1).mean(1).tolist()]
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:

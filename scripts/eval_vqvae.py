@@ -112,7 +112,7 @@ def main(argv=None, extractor=None) -> int:
             rec = vae.idx_to_img(tokens)
         usage.add(tokens)
         img01, rec01 = img.add(1).div(2).float().cpu(), rec.add(1).div(2).float().cpu()  # decoder clamps
-        psnr += psnr_per_image(rec01, img01).tolist()
+        psnr += psnr_per_image(rec01, img01)
         if size >= SSIM_WINDOW:
             ssim += ssim_per_image(rec01, img01).tolist()
         if extractor is not None:

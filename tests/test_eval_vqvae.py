@@ -53,7 +53,7 @@ def test_ssim_and_psnr_closed_forms():
     flat = ssim_per_image(torch.full((1, 3, 12, 12), a), torch.full((1, 3, 12, 12), b))
     assert flat.item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-6)
     shifted = img * 0.8 + 0.1
-    assert psnr_per_image(shifted + 0.1, shifted).tolist() == pytest.approx([20.0] * 3, abs=1e-4)  # MSE 0.01
+    assert psnr_per_image(shifted + 0.1, shifted) == pytest.approx([20.0] * 3, abs=1e-4)  # MSE 0.01
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim_per_image(img[..., :8, :8], img[..., :8, :8])
 

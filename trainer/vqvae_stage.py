@@ -1,7 +1,6 @@
 """VQ-VAE training step: reconstruction + multi-scale VQ losses, codebook usage tracking, dead-code restart."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -9,6 +8,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
+from metrics.reconstruction import psnr_db
 from models.checkpoint import read_official_state_dict, read_weights, save_pretrained
 from models.quant import phi_index_table
 from models.vqvae import VQVAE
@@ -35,11 +35,6 @@ class PatchDiscriminator(nn.Module):
 def mse_01(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
     """Mean squared error of images in [-1, 1], computed on [0, 1] (a 0-d tensor: no host read)."""
     return ((rec.clamp(-1, 1) - img) / 2).pow(2).mean()
-
-
-def psnr_db(mse: float) -> float:
-    """PSNR in dB from ``mse_01``."""
-    return 10 * math.log10(1.0 / max(mse, 1e-10))
 
 
 class VQVAEStage:
