@@ -38,9 +38,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
 
     A ``BlockMask`` selects FlexAttention, which skips the blocks of the score matrix the mask hides entirely:
     compiled on CUDA; on the CPU only its eager reference (inference only: PyTorch has no CPU backward for it),
-    which exists here to check the mask against the dense one. Under CUDA autocast ``F.normalize`` returns fp32
-    keys (its norm runs in fp32) next to bf16 queries and values; SDPA is an autocast op and casts them back,
-    FlexAttention is not, so keys and values are cast to the queries' dtype here."""
+    which exists here to check the mask against the dense one. SDPA is an autocast op and casts mixed inputs
+    itself; FlexAttention is not, so keys and values are cast to the queries' dtype here."""
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a BlockMask
         flex = _flex_attention(compiled=q.device.type == "cuda")
         return flex(q, k.to(q.dtype), v.to(q.dtype), block_mask=attn_mask, scale=scale)
@@ -72,10 +71,13 @@ class _QKNorm(nn.Module):
         if not self.qk_norm:
             return q
         scale = self.scale_mul_1H11.clamp_max(_MAX_SCALE_LOG).exp()
-        return F.normalize(q, dim=-1).mul(scale).to(q.dtype)
+        return F.normalize(q.float(), dim=-1).mul(scale).to(q.dtype)
 
     def normalize_k(self, k: torch.Tensor) -> torch.Tensor:
-        return F.normalize(k, dim=-1) if self.qk_norm else k
+        # In fp32 whatever the input dtype: in fp16 F.normalize's eps (1e-12) underflows to 0, so a zero key (text
+        # padding) became 0/0 = NaN and every cross-attention output with it (fp16 autocast on the CPU, where the
+        # norm is not autocast to fp32 as on CUDA). Returned in the input dtype, as attention takes it.
+        return F.normalize(k.float(), dim=-1).to(k.dtype) if self.qk_norm else k
 
     def merge_heads(self, out: torch.Tensor) -> torch.Tensor:  # (B,H,L,hd) -> (B,L,C)
         return out.transpose(1, 2).flatten(2)

@@ -167,3 +167,25 @@ def test_cpu_half_attention_is_computed_in_fp32(mask_kind):
     torch.testing.assert_close(out.float(), naive.bfloat16().float(), atol=8e-3, rtol=0)
     out.float().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (qb, kb, vb))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_autocast_forward_with_padded_text_is_finite(dtype):
+    """Text padding gives zero keys; normalising them in half precision (F.normalize's eps 1e-12 underflows in
+    fp16) made every cross-attention output NaN under CPU fp16 autocast. The half forward must track fp32."""
+    torch.manual_seed(0)
+    model = build_star(star_config("star-tiny")).eval()
+    cfg = model.cfg
+    B, Lt = 2, 12
+    hidden = torch.randn(B, Lt, cfg.text_dim)
+    mask = torch.ones(B, Lt, dtype=torch.long)
+    mask[:, 5:] = 0
+    hidden[mask == 0] = 0.0  # what text encoders return at padding
+    var_input = torch.randn(B, cfg.seq_len - 1, cfg.z_channels)
+    pooled = torch.randn(B, cfg.text_dim)
+    with torch.no_grad():
+        ref, _ = model(var_input, hidden, mask, pooled)
+        with torch.autocast("cpu", dtype=dtype):
+            half, _ = model(var_input, hidden, mask, pooled)
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), ref, atol=0.05, rtol=0.05)
