@@ -145,3 +145,33 @@ def test_parse_overrides_forms():
 def test_list_overrides_without_json_quotes(raw, expected):
     assert load_config(RunSection, None, [f"--tags={raw}"]).tags == expected
 
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--loop.keep_last=0", r"'loop.keep_last' must be 1 <= keep_last, got 0"),  # would delete every checkpoint
+    ("--loop.log_every=0", r"'loop.log_every' must be 1 <="),                     # was a ZeroDivisionError
+    ("--loop.batch_size=0", r"'loop.batch_size' must be 1 <="),
+    ("--loop.steps=0", r"'loop.steps' must be 1 <="),
+    ("--loop.sample_every=-1", r"'loop.sample_every' must be 0 <="),              # was: samples at every step
+    ("--loop.max_nonfinite=0", r"'loop.max_nonfinite' must be 1 <="),
+    ("--optim.lr=-1", r"'optim.lr' must be 0 <= lr, got -1"),
+    ("--optim.warmup_steps=-5", r"'optim.warmup_steps' must be 0 <="),
+    ("--optim.betas=[0.9,1.2]", r"'optim.betas\[1\]' must be 0.0 <= betas\[1\] < 1.0, got 1.2"),
+    ("--optim.ema_decay=1.0", r"'optim.ema_decay' must be 0.0 <= ema_decay < 1.0"),
+    ("--optim.label_smoothing=1", r"'optim.label_smoothing' must be"),
+    ("--data.caption_dropout=1.5", r"'data.caption_dropout' must be 0.0 <= caption_dropout <= 1.0, got 1.5"),
+    ("--data.random_crop=1", r"'data.random_crop' must be"),
+    ("--data.workers=-1", r"'data.workers' must be 0 <="),
+    ("--data.shapes_count=0", r"'data.shapes_count' must be 1 <="),
+])
+def test_run_config_refuses_values_out_of_range(override, match):
+    from trainer.config import RunConfig
+    with pytest.raises(ConfigError, match=match):
+        load_config(RunConfig, None, ["--star_train.vqvae=v", override])
+
+
+def test_run_config_accepts_the_range_edges():
+    from trainer.config import RunConfig
+    cfg = load_config(RunConfig, None, ["--star_train.vqvae=v", "--loop.keep_last=1", "--loop.sample_every=0",
+                                        "--optim.lr=0", "--optim.ema_decay=0.9999", "--data.caption_dropout=1"])
+    assert cfg.loop.keep_last == 1 and cfg.optim.ema_decay == 0.9999 and cfg.data.caption_dropout == 1

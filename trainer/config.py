@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from models.sampling import OFFICIAL_GENERATION, check_sampling, guidance_weights
 from models.star import ATTENTION_KERNELS, StarConfig
 from models.vqvae import VQVAEConfig
-from utils.config import ConfigError
+from utils.config import ConfigError, check_range
 
 
 @dataclass
@@ -30,6 +30,12 @@ class DataConfig:
             raise ConfigError(f"data.source must be 'shapes' or 'lmdb', got {self.source!r}")
         if self.source == "lmdb" and not self.lmdb_dirs:
             raise ConfigError("data.source='lmdb' needs data.lmdb_dirs (folders written by test_pack.py)")
+        check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
+        check_range("data.random_crop", self.random_crop, 0.0, 1.0, below_high=True)
+        check_range("data.shapes_texture", self.shapes_texture, 0.0, 1.0)
+        check_range("data.shapes_count", self.shapes_count, 1)
+        for name in ("workers", "min_side", "max_aspect"):
+            check_range(f"data.{name}", getattr(self, name), 0)
 
 
 @dataclass
@@ -62,6 +68,12 @@ class OptimConfig:
             raise ConfigError(f"optim.schedule must be lin0, cosine or constant, got {self.schedule!r}")
         if self.grad_accum < 1:
             raise ConfigError("optim.grad_accum must be >= 1")
+        for name in ("lr", "weight_decay", "warmup_steps", "warmup_start", "end_lr", "grad_clip"):
+            check_range(f"optim.{name}", getattr(self, name), 0)
+        for i, beta in enumerate(self.betas):
+            check_range(f"optim.betas[{i}]", beta, 0.0, 1.0, below_high=True)
+        check_range("optim.label_smoothing", self.label_smoothing, 0.0, 1.0, below_high=True)
+        check_range("optim.ema_decay", self.ema_decay, 0.0, 1.0, below_high=True)
 
 
 @dataclass
@@ -99,6 +111,10 @@ class LoopConfig:
             raise ConfigError("loop.eval_every must be >= 0 (0: no validation) and loop.eval_samples >= 1")
         if self.time_budget_s < 0:
             raise ConfigError("loop.time_budget_s must be >= 0 (0: no budget, train loop.steps steps)")
+        # keep_last 0 would delete every checkpoint as soon as it is written: nothing to resume from.
+        for name in ("steps", "batch_size", "keep_last", "log_every", "max_nonfinite"):
+            check_range(f"loop.{name}", getattr(self, name), 1)
+        check_range("loop.sample_every", self.sample_every, 0)
 
 
 @dataclass

@@ -25,6 +25,17 @@ class ConfigError(InputError, ValueError):
     """A config file or override does not fit the config dataclasses."""
 
 
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None,
+                below_high: bool = False) -> None:
+    """ConfigError naming ``key`` unless ``low <= value <= high`` (``value < high`` with ``below_high``); a bound
+    left None is open. For the values a config's ``validate`` must refuse before they fail deep in a run."""
+    too_high = high is not None and (value >= high if below_high else value > high)
+    if (low is not None and value < low) or too_high:
+        lo = f"{low} <= " if low is not None else ""
+        hi = (f" < {high}" if below_high else f" <= {high}") if high is not None else ""
+        raise ConfigError(f"'{key}' must be {lo}{key.rsplit('.', 1)[-1]}{hi}, got {value}")
+
+
 def _closest(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(options))}."
