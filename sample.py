@@ -75,7 +75,8 @@ def parse_args(argv=None):
     gen.add_argument("--cfg", type=float, help="guidance weight (default: the pipeline's, official 4.0)")
     gen.add_argument("--top-k", type=int, help="0 = off (default: the pipeline's, official 900)")
     gen.add_argument("--top-p", type=float, help="0 = off (default: the pipeline's, official 0.95)")
-    gen.add_argument("--guidance", help="linear | constant | window:i:j (default: the pipeline's, official linear)")
+    gen.add_argument("--guidance", help="linear | constant | window:i:j | t0,t1,... (one weight per scale; "
+                     "default: the pipeline's, official linear)")
     gen.add_argument("--no-sampler", action="store_true", help="do not use the sampler head even if present")
     gen.add_argument("--sampler-schedule", default="default", choices=SCHEDULES)
     gen.add_argument("--seed", type=int, default=0, help="item i uses seed + i unless its JSONL line has 'seed'")

@@ -32,7 +32,7 @@ from models.checkpoint import (
     save_pretrained,
 )
 from models.sampler import SamplerHead
-from models.sampling import OFFICIAL_GENERATION, check_sampling
+from models.sampling import OFFICIAL_GENERATION, check_sampling, guidance_weights
 from models.star import STAR
 from models.text_encoder import TextEncoder, build_text_encoder, text_encoder_from_config
 from models.vqvae import VQVAE
@@ -163,6 +163,7 @@ class StarPipeline:
         pipeline's default (``self.generation``)."""
         settings = {**self.generation, **{k: v for k, v in overrides.items() if v is not None}}
         check_sampling(settings["cfg"], settings["top_k"], settings["top_p"])
+        guidance_weights(settings["guidance_schedule"], settings["cfg"], self.star.num_scales)  # before any work
         return settings
 
     def __call__(self, prompts: str | list[str], negative_prompt: str | list[str] = "", cfg: float | None = None,

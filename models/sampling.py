@@ -17,12 +17,20 @@ def guidance_weights(schedule: str | list[float], cfg: float, num_scales: int) -
     """Guidance weight t_s per scale (logits = (1+t) cond - t uncond).
 
     ``"linear"``: the official ramp t_s = cfg * s / (S-1); ``"constant"``: t_s = cfg;
-    ``"window:i:j"``: t_s = cfg on scales i..j (inclusive), 0 elsewhere; a list: explicit t_s per scale.
+    ``"window:i:j"``: t_s = cfg on scales i..j (inclusive, 0 <= i <= j < S), 0 elsewhere; a list, or its text
+    ``"t0,t1,..."`` (command lines, configs): explicit t_s per scale.
     """
     S = num_scales
+    if isinstance(schedule, str) and "," in schedule:
+        try:
+            schedule = [float(t) for t in schedule.split(",")]
+        except ValueError:
+            raise ConfigError(f"an explicit guidance list is numbers separated by commas, got {schedule!r}") from None
     if isinstance(schedule, (list, tuple)):
         if len(schedule) != S:
             raise ConfigError(f"explicit guidance list needs {S} values (one per scale), got {len(schedule)}")
+        if not all(math.isfinite(float(t)) for t in schedule):
+            raise ConfigError(f"explicit guidance weights must be finite numbers, got {list(schedule)}")
         return [float(t) for t in schedule]
     if schedule == "linear":
         return [cfg * si / (S - 1) if S > 1 else cfg for si in range(S)]
@@ -30,11 +38,15 @@ def guidance_weights(schedule: str | list[float], cfg: float, num_scales: int) -
         return [float(cfg)] * S
     if schedule.startswith("window:"):
         try:
-            lo, hi = (int(v) for v in schedule.split(":")[1:3])
+            lo, hi = (int(v) for v in schedule.split(":")[1:])
         except ValueError:
             raise ConfigError(f"guidance window must look like 'window:i:j', got {schedule!r}") from None
+        if not 0 <= lo <= hi < S:  # an empty or out-of-range window would silently guide nothing (or less)
+            raise ConfigError(f"guidance {schedule!r}: the window needs 0 <= i <= j <= {S - 1} "
+                              f"(this model has {S} scales)")
         return [float(cfg) if lo <= si <= hi else 0.0 for si in range(S)]
-    raise ConfigError(f"unknown guidance schedule {schedule!r}: use 'linear', 'constant', 'window:i:j' or a list")
+    raise ConfigError(f"unknown guidance schedule {schedule!r}: use 'linear', 'constant', 'window:i:j' or a list "
+                      "'t0,t1,...' (one weight per scale)")
 
 
 def check_sampling(cfg: float, top_k: int, top_p: float) -> None:

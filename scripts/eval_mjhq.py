@@ -7,8 +7,8 @@
 
 Layout (user-supplied, nothing is downloaded): meta_data.json = {name: {"category": .., "prompt": ..}} and
 images/<category>/<name>.jpg. Generated images go to OUT/generated/<category>/<name>.png; existing files are
-kept, so an interrupted run resumes. Defaults are the paper's protocol: cfg 4, top-k 4096, top-p 0.8, sampler
-on with the official '1024' schedule. References are resized (short side) and centre-cropped to the
+kept, so an interrupted run resumes. Defaults are the paper's protocol: cfg 4 on the linear ramp, top-k 4096,
+top-p 0.8, sampler on with the official '1024' schedule. References are resized (short side) and centre-cropped to the
 generation size (the official script crops at random). Writes OUT/metrics.json and OUT/radar.png.
 """
 from __future__ import annotations
@@ -28,11 +28,15 @@ from metrics.clip_score import ClipEmbedder, clip_score, find_clip_weights  # no
 from metrics.cmmd import cmmd  # noqa: E402
 from metrics.fid import InceptionFeatures, feature_stats, find_inception_weights, frechet_distance  # noqa: E402
 from models.pipeline import StarPipeline, add_pipeline_args  # noqa: E402
+from models.sampler import SCHEDULES  # noqa: E402
 from utils import cli, dist  # noqa: E402
 
 
-def read_meta(path: Path, per_category: int = 0) -> list[dict]:
+def read_meta(path: Path, per_category: int | None = None) -> list[dict]:
     meta = json.loads(path.read_text())
+    if not isinstance(meta, dict) or not meta:
+        raise cli.InputError(f"{path} holds no prompts: MJHQ's meta_data.json maps names to "
+                             "{\"category\": .., \"prompt\": ..}")
     items = [{"name": k, "category": v["category"], "prompt": v["prompt"]} for k, v in sorted(meta.items())]
     if per_category:
         kept, counts = [], {}
@@ -53,7 +57,8 @@ def generate(pipe: StarPipeline, items: list[dict], gen_dir: Path, args) -> int:
     for start in range(0, len(todo), args.batch_size):
         indices, batch = zip(*todo[start:start + args.batch_size])
         images = pipe([it["prompt"] for it in batch], cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                      seed=[args.seed + i for i in indices], sampler_schedule=args.sampler_schedule,
+                      guidance_schedule=args.guidance, seed=[args.seed + i for i in indices],
+                      sampler_schedule=args.sampler_schedule,
                       use_sampler=not args.no_sampler and pipe.sampler is not None)
         for it, image in zip(batch, images):
             path = gen_dir / it["category"] / f"{it['name']}.png"
@@ -139,12 +144,14 @@ def parse_args(argv=None):
     p.add_argument("--images", required=True, type=Path, help="MJHQ image root (<category>/<name>.jpg)")
     p.add_argument("--out", required=True, type=Path)
     add_pipeline_args(p, "pipeline directory or official .pth (with --preset, --vae, --text-encoder)")
-    p.add_argument("--per-category", type=int, default=0, help="only the first N prompts of each category")
+    p.add_argument("--per-category", type=cli.positive_int, help="only the first N prompts of each category")
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--top-k", type=int, default=4096)
     p.add_argument("--top-p", type=float, default=0.8)
+    # The paper's ramp, not the pipeline's default: a shapes pipeline records "constant" for its own task.
+    p.add_argument("--guidance", default="linear", help="linear | constant | window:i:j | t0,t1,... (default linear)")
     p.add_argument("--no-sampler", action="store_true")
-    p.add_argument("--sampler-schedule", default="official-1024")
+    p.add_argument("--sampler-schedule", default="official-1024", choices=SCHEDULES)
     p.add_argument("--seed", type=int, default=4)
     p.add_argument("--batch-size", type=cli.positive_int, default=6)
     p.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
@@ -164,10 +171,17 @@ def main(argv=None, pipe: StarPipeline | None = None, extractors: tuple | None =
     gen_dir = args.out / "generated"
     if extractors is None:  # hours of generation must not end in a missing file: check what scoring reads now
         check_scoring_inputs(items, args)
+    if args.skip_generation:
+        missing = [it for it in items if not (gen_dir / it["category"] / f"{it['name']}.png").is_file()]
+        if missing:
+            raise cli.InputError(f"--skip-generation: {len(missing)} of {len(items)} generated images are missing "
+                                 f"under {gen_dir} (first: {missing[0]['category']}/{missing[0]['name']}.png)")
     if pipe is None and not args.skip_generation:
         if args.ckpt is None:
             raise cli.InputError("--ckpt is required to generate (or pass --skip-generation)")
         pipe = StarPipeline.from_args(args)
+    if pipe is not None:  # sampling settings checked before the first batch
+        pipe.generation_settings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, guidance_schedule=args.guidance)
     if not args.skip_generation:
         generated = generate(pipe, items, gen_dir, args)
         print(json.dumps({"rank": dist.get_rank(), "generated": generated}), flush=True)

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, help="default: the pipeline's (config.json 'generation')")
     p.add_argument("--top-k", type=int, help="0 = the whole vocabulary (default: the pipeline's)")
     p.add_argument("--top-p", type=float, help="0 = off (default: the pipeline's)")
-    p.add_argument("--guidance", help="linear | constant | window:i:j (default: the pipeline's)")
+    p.add_argument("--guidance", help="linear | constant | window:i:j | t0,t1,... (default: the pipeline's)")
     p.add_argument("--batch-size", type=cli.positive_int, default=16)
     p.add_argument("--no-sampler", action="store_true")
     p.add_argument("--compare-sampler", action="store_true", help="run with and without the sampler head")

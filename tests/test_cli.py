@@ -93,10 +93,40 @@ def test_truncated_or_foreign_weight_files(tmp_path):
     assert "weights_only=False" not in str(info.value)  # never advise running a file's code
 
 
-def test_bad_sampling_flag_is_an_input_error(tmp_path, capsys):
-    argv = ["--prompt", "a red circle", "--guidance", "ramp", "--out", str(tmp_path)]  # embedded tiny model
+@pytest.mark.parametrize("guidance, message", [
+    ("ramp", "unknown guidance schedule 'ramp'"),
+    ("window:2:1", "the window needs 0 <= i <= j <= 3 (this model has 4 scales)"),  # guided nothing, silently
+    ("window:0:9", "the window needs 0 <= i <= j <= 3"),
+    ("0,1,2", "explicit guidance list needs 4 values (one per scale), got 3"),
+    ("0,1,x,2", "numbers separated by commas"),
+])
+def test_bad_sampling_flag_is_an_input_error(tmp_path, capsys, monkeypatch, guidance, message):
+    """Checked when the settings are resolved, before any prompt is encoded or item file looked at."""
+    monkeypatch.setattr(StarPipeline, "__call__", lambda *a, **kw: pytest.fail("generation started"))
+    (tmp_path / "000000.json").write_text("{}")  # an item already done: the flag must be checked all the same
+    argv = ["--prompt", "a red circle", "--guidance", guidance, "--out", str(tmp_path)]  # embedded tiny model
     assert cli.run(sample.main, argv) == 2
-    assert "unknown guidance schedule 'ramp'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_guidance_schedules_against_their_definitions():
+    from models.sampling import guidance_weights
+    assert guidance_weights("linear", 3.0, 4) == [0.0, 1.0, 2.0, 3.0]
+    assert guidance_weights("constant", 0.5, 3) == [0.5, 0.5, 0.5]
+    assert guidance_weights("window:1:2", 4.0, 4) == [0.0, 4.0, 4.0, 0.0]
+    assert guidance_weights("window:3:3", 4.0, 4) == [0.0, 0.0, 0.0, 4.0]
+    assert guidance_weights("0,0.5,1.5", 9.0, 3) == [0.0, 0.5, 1.5]  # cfg is unused by an explicit list
+    assert guidance_weights([1, 2], 9.0, 2) == [1.0, 2.0]
+
+
+def test_training_guidance_window_is_checked_against_the_model_scales():
+    from trainer.config import RunConfig
+    from utils.config import ConfigError, load_config
+    base = ["--star_train.vqvae=v", "--model.patch_nums=[1,2,3]", "--vqvae.patch_nums=[1,2,3]"]
+    assert load_config(RunConfig, None, base + ["--star_train.sample_guidance=window:1:2"])
+    with pytest.raises(ConfigError, match=r"star_train.sample_guidance: guidance 'window:1:5'"):
+        load_config(RunConfig, None, base + ["--star_train.sample_guidance=window:1:5"])
+    assert load_config(RunConfig, None, ["--stage=vqvae", "--star_train.sample_guidance=window:1:5"])  # unused
 
 
 ENTRY_SCRIPTS = ["train.py", "train_sampler.py", "sample.py", "demo_gradio.py", "test_pack.py",

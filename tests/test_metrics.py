@@ -149,3 +149,27 @@ def test_eval_mjhq_checks_what_scoring_reads_before_generating(tmp_path, capsys)
         assert not (tmp_path / "out" / "generated").exists()
         for path in weights.values():
             path.write_bytes(b"stand-in")
+
+
+def test_eval_mjhq_uses_the_papers_guidance_and_checks_settings_first(tmp_path, tiny_clip, capsys, monkeypatch):
+    """The pipeline's recorded guidance (a shapes pipeline: constant) is not the paper's protocol: --guidance
+    (default linear) is passed to every batch; a bad schedule or missing generated images stop before any work."""
+    from models.pipeline import StarPipeline
+    from utils import cli
+    eval_mjhq = load_script("eval_mjhq")
+    args = fake_mjhq_layout(tmp_path, 4)
+    pipe = StarPipeline.tiny_random()
+    pipe.generation = {**pipe.generation, "guidance_schedule": "constant"}
+    assert cli.run(lambda: eval_mjhq.main(args + ["--guidance", "window:0:99"], pipe=pipe,
+                                          extractors=(StandInInception(), tiny_clip))) == 2
+    assert f"the window needs 0 <= i <= j <= {pipe.star.num_scales - 1}" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "generated").exists()
+    extractors = (StandInInception(), tiny_clip)
+    assert cli.run(lambda: eval_mjhq.main(args + ["--skip-generation"], extractors=extractors)) == 2
+    assert "--skip-generation: 4 of 4 generated images are missing" in capsys.readouterr().err
+    seen = []
+    original = StarPipeline.__call__
+    monkeypatch.setattr(StarPipeline, "__call__", lambda self, *a, **kw: seen.append(kw["guidance_schedule"])
+                        or original(self, *a, **kw))
+    assert eval_mjhq.main(args, pipe=pipe, extractors=(StandInInception(), tiny_clip)) == 0
+    assert seen == ["linear"]  # one batch of 4

@@ -149,7 +149,7 @@ class StarTrainConfig:
     sample_cfg: float = OFFICIAL_GENERATION["cfg"]
     sample_top_k: int = OFFICIAL_GENERATION["top_k"]
     sample_top_p: float = OFFICIAL_GENERATION["top_p"]
-    sample_guidance: str = OFFICIAL_GENERATION["guidance_schedule"]  # linear | constant | window:i:j
+    sample_guidance: str = OFFICIAL_GENERATION["guidance_schedule"]  # linear | constant | window:i:j | t0,t1,..
     # Token dropping for high resolutions (loss averaged over the kept tokens):
     token_drop: str = "none"               # none | window (paper: one local window, nested across scales) | random
     drop_from_scale: int = -2              # scales with index >= this are cropped (negative: from the end)
@@ -173,10 +173,6 @@ class StarTrainConfig:
                 "guidance_schedule": self.sample_guidance}
 
     def validate(self) -> None:
-        try:
-            guidance_weights(self.sample_guidance, self.sample_cfg, 2)
-        except ValueError as e:
-            raise ConfigError(f"star_train.sample_guidance: {e}") from None
         try:
             check_sampling(self.sample_cfg, self.sample_top_k, self.sample_top_p)
         except ConfigError as e:
@@ -235,6 +231,12 @@ class RunConfig:
                               "test_pack.py from held-out images> (or --loop.eval_every=0)")
         if self.stage != "vqvae" and tuple(self.model.patch_nums) != tuple(self.vqvae.patch_nums):
             raise ConfigError(f"model.patch_nums {self.model.patch_nums} != vqvae.patch_nums {self.vqvae.patch_nums}")
+        if self.stage != "vqvae":  # a guidance window is checked against the model's scales
+            try:
+                guidance_weights(self.star_train.sample_guidance, self.star_train.sample_cfg,
+                                 len(self.model.patch_nums))
+            except ConfigError as e:
+                raise ConfigError(f"star_train.sample_guidance: {e}") from None
 
     @property
     def resolution(self) -> int:
