@@ -56,8 +56,10 @@ def read_items(args) -> list[dict]:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise cli.InputError(f"{path}:{n}: invalid JSON ({e})") from None
-            if not isinstance(item, dict) or "prompt" not in item:
-                raise cli.InputError(f"{path}:{n}: each line needs a JSON object with a 'prompt'")
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise cli.InputError(f"{path}:{n}: each line needs a JSON object with a 'prompt' string")
+            if "seed" in item and (not isinstance(item["seed"], int) or isinstance(item["seed"], bool)):
+                raise cli.InputError(f"{path}:{n}: 'seed' must be an integer, got {item['seed']!r}")
             items.append(item)
         return items
     return [{"prompt": line.strip()} for line in lines]
@@ -99,6 +101,18 @@ def parse_args(argv=None):
     return args
 
 
+def open_image(path: str, flag: str) -> Image.Image:
+    """The image at ``path``, read now: a missing or unreadable file is an input error before any model loads."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise cli.InputError(f"{flag}: no such file: {path}") from None
+    except (OSError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError; truncated files too
+        raise cli.InputError(f"{flag}: not a readable image: {path} ({e})") from None
+
+
 def load_pipeline(args) -> StarPipeline:
     if args.ckpt is None:
         print("[sample] no --ckpt: using the embedded random tiny model (images are noise)", file=sys.stderr)
@@ -113,6 +127,8 @@ def main(argv=None) -> int:
     if world > 1 and device.type == "cuda":
         args.device = str(device)
     items = read_items(args)
+    edit = (open_image(args.edit_image, "--edit-image"), open_image(args.edit_mask, "--edit-mask")) \
+        if args.edit_image else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args)
@@ -127,9 +143,8 @@ def main(argv=None) -> int:
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         seeds = [int(items[i].get("seed", args.seed + i)) for i in batch]
-        if args.edit_image:  # one --prompt, so one item
-            images = pipe.edit(items[batch[0]]["prompt"], Image.open(args.edit_image), Image.open(args.edit_mask),
-                               seed=seeds[0], **settings)
+        if edit is not None:  # one --prompt, so one item
+            images = pipe.edit(items[batch[0]]["prompt"], *edit, seed=seeds[0], **settings)
         else:  # one generator per item: an item's images are the same whatever else is in the batch
             images = pipe([items[i]["prompt"] for i in batch], seed=seeds, progress=rank == 0, **settings)
         for j, (i, seed) in enumerate(zip(batch, seeds)):

@@ -239,7 +239,8 @@ def add_pipeline_args(parser: argparse.ArgumentParser, ckpt_help: str) -> None:
     group.add_argument("--text-encoder", help="hf-clip | open_clip | t5 | tiny | minilm (default: from --ckpt)")
     group.add_argument("--text-encoder-path", help="local weights of the text encoder (default: from --ckpt)")
     group.add_argument("--device", type=cli.device_arg, default=cli.default_device())
-    group.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (CUDA autocast; default bf16 there)")
+    group.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+                       help="CUDA autocast dtype (default bf16 there; the CPU runs fp32)")
 
 
 def _load_vae(vae, star: STAR) -> VQVAE:

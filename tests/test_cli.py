@@ -109,6 +109,33 @@ def test_bad_sampling_flag_is_an_input_error(tmp_path, capsys, monkeypatch, guid
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, "--edit-image: no such file"),
+    (b"not a png", "--edit-image: not a readable image"),
+])
+def test_an_unreadable_edit_image_is_refused_before_the_model_loads(tmp_path, capsys, content, message):
+    """Was PIL's traceback (UnidentifiedImageError) after the pipeline had loaded."""
+    image = tmp_path / "in.png"
+    if content is not None:
+        image.write_bytes(content)
+    argv = ["--ckpt", str(tmp_path / "missing"), "--prompt", "a red circle", "--edit-image", str(image),
+            "--edit-mask", str(image), "--out", str(tmp_path / "out")]  # the missing --ckpt would fail later
+    assert cli.run(sample.main, argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a red circle", "seed": "x7"}', "2: 'seed' must be an integer, got 'x7'"),  # was a traceback
+    ('{"prompt": "a red circle", "seed": 1.5}', "'seed' must be an integer, got 1.5"),       # was truncated to 1
+    ('{"prompt": 3}', "2: each line needs a JSON object with a 'prompt' string"),
+])
+def test_bad_prompt_file_lines_name_the_line(tmp_path, capsys, line, message):
+    prompts = tmp_path / "items.jsonl"
+    prompts.write_text('{"prompt": "a blue square"}\n' + line + "\n")
+    assert cli.run(sample.main, ["--prompts", str(prompts), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_guidance_schedules_against_their_definitions():
     from models.sampling import guidance_weights
     assert guidance_weights("linear", 3.0, 4) == [0.0, 1.0, 2.0, 3.0]

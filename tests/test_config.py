@@ -146,7 +146,6 @@ def test_list_overrides_without_json_quotes(raw, expected):
     assert load_config(RunSection, None, [f"--tags={raw}"]).tags == expected
 
 
-
 @pytest.mark.parametrize("override, match", [
     ("--loop.keep_last=0", r"'loop.keep_last' must be 1 <= keep_last, got 0"),  # would delete every checkpoint
     ("--loop.log_every=0", r"'loop.log_every' must be 1 <="),                     # was a ZeroDivisionError
@@ -168,6 +167,15 @@ def test_run_config_refuses_values_out_of_range(override, match):
     from trainer.config import RunConfig
     with pytest.raises(ConfigError, match=match):
         load_config(RunConfig, None, ["--star_train.vqvae=v", override])
+
+
+def test_nan_in_a_config_file_is_out_of_every_range(tmp_path):
+    """JSON files may hold NaN (Python's json reads it), and NaN compares False with any bound."""
+    from trainer.config import RunConfig
+    path = tmp_path / "run.json"
+    path.write_text('{"optim": {"lr": NaN}}')
+    with pytest.raises(ConfigError, match=r"'optim.lr' must be 0 <= lr, got nan"):
+        load_config(RunConfig, path, ["--star_train.vqvae=v"])
 
 
 def test_run_config_accepts_the_range_edges():

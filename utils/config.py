@@ -28,9 +28,10 @@ class ConfigError(InputError, ValueError):
 def check_range(key: str, value: float, low: float | None = None, high: float | None = None,
                 below_high: bool = False) -> None:
     """ConfigError naming ``key`` unless ``low <= value <= high`` (``value < high`` with ``below_high``); a bound
-    left None is open. For the values a config's ``validate`` must refuse before they fail deep in a run."""
+    left None is open; NaN is always refused. For the values a config's ``validate`` must refuse before they
+    fail deep in a run."""
     too_high = high is not None and (value >= high if below_high else value > high)
-    if (low is not None and value < low) or too_high:
+    if value != value or (low is not None and value < low) or too_high:  # value != value: NaN
         lo = f"{low} <= " if low is not None else ""
         hi = (f" < {high}" if below_high else f" <= {high}") if high is not None else ""
         raise ConfigError(f"'{key}' must be {lo}{key.rsplit('.', 1)[-1]}{hi}, got {value}")
