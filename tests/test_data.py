@@ -1,4 +1,5 @@
 import json
+import math
 import pickle
 import subprocess
 import sys
@@ -170,6 +171,14 @@ def test_sampler_gives_disjoint_complete_coverage_for_two_ranks():
     assert parts[0].indices() != a  # a new epoch, a new order
     parts[0].set_epoch(5, start=10)
     assert list(parts[0]) == a[10:] and len(parts[0]) == 42
+
+
+@pytest.mark.parametrize("size, world", [(3, 8), (1, 4), (5, 5), (7, 3)])
+def test_sampler_gives_every_rank_the_same_count_even_with_more_ranks_than_items(size, world):
+    """With fewer items than ranks the padding used to wrap once only: ranks 3-7 of 8 got no index at all."""
+    shares = [DistributedResumableSampler(size, rank=r, world=world, seed=1).indices() for r in range(world)]
+    assert [len(s) for s in shares] == [math.ceil(size / world)] * world
+    assert set().union(*shares) == set(range(size))
 
 
 def test_item_randomness_is_keyed_by_epoch_and_index():

@@ -162,7 +162,9 @@ class DistributedResumableSampler(Sampler[int]):
         else:
             order = list(range(self.size))
         total = math.ceil(self.size / self.world) * self.world
-        order += order[: total - self.size]  # pad by wrapping so every rank gets the same count
+        # Pad by wrapping (repeatedly when there are more ranks than items) so every rank gets the same count:
+        # unequal counts leave the ranks with more batches waiting in a collective for the others.
+        order = (order * math.ceil(total / self.size))[:total]
         return order[self.rank::self.world]
 
     def __iter__(self):
