@@ -56,13 +56,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", type=cli.device_arg, default="cpu")
     args = p.parse_args(argv)
     text = text_settings(args)
+    shards = {root: find_shards(root) for root in args.data}  # checked before the encoder loads
+    for root, paths in shards.items():
+        if not paths:  # the usual mistake: a parent folder, or a pack still being written
+            raise cli.InputError(f"no complete LMDB shards in {root}: pass the folder test_pack.py --out wrote")
     cache = CachedTextEncoder(text_encoder_from_config(text).to(args.device), text["cache_dir"])
     start = time.time()
     seen: set[str] = {""}
     batch, skipped = [""], 0
     with tqdm(unit="caption", desc="caching", file=sys.stderr) as bar:
-        for root in args.data:
-            for path in find_shards(root):
+        for paths in shards.values():
+            for path in paths:
                 shard = Shard(path)
                 for i in range(len(shard)):
                     try:

@@ -13,6 +13,7 @@ from models.text_encoder import (
     open_clip_to_hf_clip,
     text_encoder_from_config,
 )
+from utils.cli import InputError
 
 PROMPTS = ["a red circle at the top left", "", "a small blue square to the right of a yellow triangle"]
 
@@ -156,6 +157,9 @@ def test_cache_text_script_covers_packed_captions_with_the_runs_encoder(tmp_path
     # A flag overrides the file: another depth is another encoder, so every caption is new to the cache.
     other = run("--tiny-layers", "2")
     assert ":l2:" in other["encoder"] and other["newly_encoded"] == first["captions"]
+    # A folder without shards (here the pack's parent) was a silent success that cached only "".
+    with pytest.raises(InputError, match=f"no complete LMDB shards in {tmp_path}"):
+        cache_text.main(["--data", str(tmp_path), "--config", str(tmp_path / "run.json")])
 
 
 def test_tiny_layers_from_config_and_word_identity():
