@@ -54,7 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth: adds rFID")
     p.add_argument("--grid", type=Path, help="write the first originals (top) over their reconstructions here")
     p.add_argument("--out", type=Path, help="also write the JSON report to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.inception_weights and args.count < 2:  # else a covariance error after every image was reconstructed
+        p.error("rFID needs --count >= 2 (a covariance of Inception features)")
+    return args
 
 
 def load_vqvae(args) -> VQVAE:

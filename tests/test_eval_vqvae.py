@@ -111,3 +111,11 @@ def test_eval_vqvae_on_shapes_judges_and_draws_the_grid(tmp_path, capsys):
     assert report["count"] == 3 and 0 < report["ssim"] < 1 and "rfid" not in report
     assert report["judge_on_reconstructions"]["overall"]["n"] == 3
     assert Image.open(tmp_path / "g.png").size == (3 * 66 + 2, 2 * 66 + 2)  # originals over reconstructions
+
+
+def test_eval_vqvae_refuses_rfid_on_one_image_before_any_work(tmp_path, capsys):
+    """Was numpy's covariance error after every image had been reconstructed (and the report lost)."""
+    eval_vqvae = load_script("eval_vqvae")
+    with pytest.raises(SystemExit):
+        eval_vqvae.main(["--vqvae", str(tmp_path / "missing"), "--count", "1", "--inception-weights", "w.pth"])
+    assert "rFID needs --count >= 2" in capsys.readouterr().err
