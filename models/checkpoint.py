@@ -58,6 +58,22 @@ def atomic_save(write, path: str | Path) -> None:
             os.unlink(tmp)
 
 
+def mismatch_reason(error: RuntimeError, limit: int = 160) -> str:
+    """The first difference ``load_state_dict``'s error lists (its first line only names the class), shortened."""
+    details = [line.strip() for line in str(error).strip().splitlines()[1:] if line.strip()] or [str(error)]
+    return details[0] if len(details[0]) <= limit else details[0][:limit - 3] + "..."
+
+
+def load_weights_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``module.load_state_dict(state, strict=True)``; weights of another architecture are a CheckpointError
+    naming the file and the first difference, not a traceback listing every tensor."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source} does not fit this {type(module).__name__} ({mismatch_reason(e)}): "
+                              "was it written with another config?") from None
+
+
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
@@ -97,7 +113,8 @@ def load_pretrained_star(directory: str | Path, **config_overrides) -> STAR:
         raise CheckpointError(f"{directory}/config.json has no 'star' section")
     cfg = from_dict(StarConfig, {**cfg_dict["star"], **config_overrides})
     model = STAR(cfg)
-    model.load_state_dict(read_weights(Path(directory) / "model.safetensors"), strict=True)
+    path = Path(directory) / "model.safetensors"
+    load_weights_into(model, read_weights(path), path)
     return model.eval()
 
 
@@ -107,7 +124,8 @@ def load_pretrained_sampler(directory: str | Path, star_cfg: StarConfig) -> Samp
     if section is None:
         return None
     head = SamplerHead(star_cfg, sample_from=section["sample_from"], num_blocks=section.get("num_blocks", 3))
-    head.load_state_dict(read_weights(Path(directory) / "sampler.safetensors"), strict=True)
+    path = Path(directory) / "sampler.safetensors"
+    load_weights_into(head, read_weights(path), path)
     return head.eval()
 
 
@@ -117,7 +135,8 @@ def load_pretrained_vqvae(directory: str | Path) -> VQVAE:
         raise CheckpointError(f"{directory}/config.json has no 'vqvae' section (not a VQ-VAE checkpoint)")
     cfg = from_dict(VQVAEConfig, cfg_dict["vqvae"])
     vae = VQVAE(cfg)
-    vae.load_state_dict(read_weights(Path(directory) / "vqvae.safetensors"), strict=True)
+    path = Path(directory) / "vqvae.safetensors"
+    load_weights_into(vae, read_weights(path), path)
     return vae.eval()
 
 
@@ -253,10 +272,7 @@ def load_official_star_and_sampler(path: str | Path, preset: str | None = None, 
     head = None
     if head_state:
         head = SamplerHead(config, sample_from)
-        try:
-            head.load_state_dict(head_state, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"the sampler head in {path} does not fit: {e}") from None
+        load_weights_into(head, head_state, f"the sampler head in {path}")
         head.eval()
     return model.eval(), head
 
@@ -264,9 +280,5 @@ def load_official_star_and_sampler(path: str | Path, preset: str | None = None, 
 def load_official_vqvae(path: str | Path, config: VQVAEConfig | None = None) -> VQVAE:
     """VAR's ``vae_ch160v4096z32.pth`` (bare state dict) into a VQVAE of the given (default: released) config."""
     vae = VQVAE(config or VQVAEConfig())
-    state = read_official_state_dict(path)
-    try:
-        vae.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit VQVAE({config or VQVAEConfig()}): {e}") from None
+    load_weights_into(vae, read_official_state_dict(path), path)
     return vae.eval()

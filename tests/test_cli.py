@@ -198,3 +198,26 @@ def test_counts_must_be_positive_integers(flag, value, expected, monkeypatch, ca
         sample.main()
     assert stop.value.code == 2 and f"argument {flag}: {expected}" in capsys.readouterr().err
     assert cli.positive_int("3") == 3
+
+
+def test_weights_of_another_architecture_are_one_line_naming_the_file(tmp_path, capsys):
+    """A config.json edited (or a safetensors file copied) out of step with the weights was a RuntimeError
+    listing every tensor; as --loop.init_from of a VQ-VAE run it was a traceback at start-up."""
+    from models.checkpoint import load_pretrained_vqvae
+    vqvae_dir = make_vqvae_dir(tmp_path / "vqvae")
+    with pytest.raises(CheckpointError, match=r"vqvae.safetensors does not fit this VQVAE \(size mismatch for"):
+        load_pretrained_vqvae(_with_config(vqvae_dir, tmp_path / "edited", {"ch": 64}))
+    argv = ["train.py", f"--config={CONFIG}", f"--loop.init_from={vqvae_dir}", f"--loop.out_dir={tmp_path / 'run'}"]
+    assert cli.run(train.main, argv) == 2  # the shapes config's VQ-VAE is larger than the tiny one saved here
+    err = capsys.readouterr().err
+    assert f"error: {vqvae_dir} does not fit this VQVAE" in err and err.count("\n") == 1
+
+
+def _with_config(directory, copy, vqvae_changes: dict):
+    """A copy of a checkpoint directory whose config.json's vqvae section has ``vqvae_changes``."""
+    import shutil
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["vqvae"].update(vqvae_changes)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from models.checkpoint import atomic_save
+from models.checkpoint import atomic_save, mismatch_reason
 from trainer.config import RunConfig
 from trainer.optim import EMA, build_optimizer, lr_factor
 from trainer.state import (
@@ -134,11 +134,9 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:  # another architecture: say which settings changed, not which tensors are missing
-            details = [line.strip() for line in str(e).strip().splitlines()[1:]] or [str(e)]
-            reason = details[0] if len(details[0]) <= 160 else details[0][:157] + "..."
-            raise ConfigError(f"{path} does not fit this model ({reason}). Settings changed since it was written: "
-                              f"{'; '.join(changes) or 'none'}. Resume with its settings, or train into another "
-                              "--loop.out_dir") from None
+            raise ConfigError(f"{path} does not fit this model ({mismatch_reason(e)}). Settings changed since it was "
+                              f"written: {'; '.join(changes) or 'none'}. Resume with its settings, or train into "
+                              "another --loop.out_dir") from None
         if changes:
             log.warning("resuming with settings changed since the checkpoint: %s", "; ".join(changes))
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metrics.reconstruction import psnr_db
-from models.checkpoint import read_official_state_dict, read_weights, save_pretrained
+from models.checkpoint import load_weights_into, read_official_state_dict, read_weights, save_pretrained
 from models.quant import phi_index_table
 from models.vqvae import VQVAE
 from trainer.config import RunConfig
@@ -44,7 +44,7 @@ class VQVAEStage:
         if cfg.loop.init_from:  # fine-tune from our checkpoint dir or VAR's .pth (the usage buffer may differ)
             p = Path(cfg.loop.init_from)
             state = read_weights(p / "vqvae.safetensors") if p.is_dir() else read_official_state_dict(p)
-            self.model.load_state_dict(state, strict=True)
+            load_weights_into(self.model, state, p)
         # A short schedule can leave phi convs unused (3 scales use 3 of the 4): freeze those, or DDP would wait
         # for gradients they never get and fail at the second step.
         q = self.model.quantize
