@@ -162,11 +162,27 @@ def test_list_overrides_without_json_quotes(raw, expected):
     ("--data.random_crop=1", r"'data.random_crop' must be"),
     ("--data.workers=-1", r"'data.workers' must be 0 <="),
     ("--data.shapes_count=0", r"'data.shapes_count' must be 1 <="),
+    ("--vqvae_train.disc_weight=-1", r"'vqvae_train.disc_weight' must be 0 <="),
+    ("--vqvae_train.restart_dead_every=-1", r"'vqvae_train.restart_dead_every' must be 0 <="),
+    ("--sampler_train.num_blocks=0", r"'sampler_train.num_blocks' must be 1 <="),
+    # scale indices are taken modulo the number of scales (10 here): 12 cropped scales 2..9, not none
+    ("--star_train.drop_from_scale=12", r"'star_train.drop_from_scale' must be -10 <= drop_from_scale < 10"),
 ])
 def test_run_config_refuses_values_out_of_range(override, match):
     from trainer.config import RunConfig
     with pytest.raises(ConfigError, match=match):
         load_config(RunConfig, None, ["--star_train.vqvae=v", override])
+
+
+def test_sampler_scale_index_is_checked_against_the_models_scales():
+    """sample_from=12 on 10 scales silently trained a head for scales 2..9."""
+    from trainer.config import RunConfig
+    run = ["--stage=sampler", "--sampler_train.backbone=b"]
+    with pytest.raises(ConfigError, match=r"'sampler_train.sample_from' must be -9 <= sample_from < 10, got 12"):
+        load_config(RunConfig, None, [*run, "--sampler_train.sample_from=12"])
+    with pytest.raises(ConfigError, match=r"must not be 0: the head covers scales 1..9"):
+        load_config(RunConfig, None, [*run, "--sampler_train.sample_from=0"])
+    assert load_config(RunConfig, None, [*run, "--sampler_train.sample_from=-9"]).sampler_train.sample_from == -9
 
 
 def test_nan_in_a_config_file_is_out_of_every_range(tmp_path):

@@ -130,10 +130,12 @@ class VQVAETrainConfig:
     restart_dead_every: int = 100          # 0: never; else every N steps re-seed the codes dead in those N steps
     dead_threshold: float = 0.03           # dead: hit less than this fraction of a uniform share in the window
 
-
     def validate(self) -> None:
         if self.recon not in ("l1", "l2"):
             raise ConfigError(f"vqvae_train.recon must be l1 or l2, got {self.recon!r}")
+        for name in ("vq_weight", "perceptual_weight", "disc_weight", "disc_start", "disc_lr", "restart_dead_every",
+                     "dead_threshold"):
+            check_range(f"vqvae_train.{name}", getattr(self, name), 0)
         if self.perceptual_weight > 0 and not (self.perceptual_vgg and self.perceptual_lin):
             raise ConfigError("vqvae_train.perceptual_weight > 0 needs two local weight files: "
                               "--vqvae_train.perceptual_vgg=<torchvision's vgg16-397923af.pth> "
@@ -198,6 +200,7 @@ class SamplerTrainConfig:
     def validate(self) -> None:
         if self.schedule not in ("default", "official-1024"):
             raise ConfigError(f"sampler_train.schedule must be default or official-1024, got {self.schedule!r}")
+        check_range("sampler_train.num_blocks", self.num_blocks, 1)
 
 
 @dataclass
@@ -237,6 +240,14 @@ class RunConfig:
                                  len(self.model.patch_nums))
             except ConfigError as e:
                 raise ConfigError(f"star_train.sample_guidance: {e}") from None
+            # Scale indices are taken modulo the number of scales: out of range, they would pick another scale.
+            S = len(self.model.patch_nums)
+            check_range("star_train.drop_from_scale", self.star_train.drop_from_scale, -S, S, below_high=True)
+            if self.stage == "sampler":  # scale 0 (the 1x1 map) is never the head's: a scale index in 1..S-1
+                check_range("sampler_train.sample_from", self.sampler_train.sample_from, 1 - S, S, below_high=True)
+                if self.sampler_train.sample_from == 0:
+                    raise ConfigError(f"sampler_train.sample_from must not be 0: the head covers scales 1..{S - 1} "
+                                      "(negative: counted from the end)")
 
     @property
     def resolution(self) -> int:
