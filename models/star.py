@@ -26,7 +26,7 @@ from models.linear import Linear
 from models.rope import rope_angles
 from models.sampling import Generators, draw_per_group, guidance_weights, sample_tokens
 from models.vqvae import VQVAE
-from utils.config import ConfigError
+from utils.config import ConfigError, check_range
 
 if TYPE_CHECKING:  # imported where used: the module costs ~0.6 s at start-up
     from torch.nn.attention.flex_attention import BlockMask
@@ -67,6 +67,12 @@ class StarConfig:
             self.drop_path_rate = 0.1 * self.depth / 24
 
     def validate(self) -> None:
+        for name in ("depth", "width", "num_heads", "vocab_size", "z_channels", "text_dim"):
+            check_range(name, getattr(self, name), 1)
+        check_range("drop_path_rate", self.drop_path_rate, 0.0, 1.0, below_high=True)
+        for name in ("mlp_ratio", "rope_theta", "rope_norm", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
         if self.width % self.num_heads or (self.width // self.num_heads) % 4:
             raise ConfigError(f"width {self.width} must split into {self.num_heads} heads of a size divisible by 4")
         if list(self.patch_nums) != sorted(set(self.patch_nums)) or self.patch_nums[0] != 1:

@@ -13,7 +13,7 @@ from torch import nn
 
 from models.conv import Conv2d
 from models.quant import MultiScaleQuantizer
-from utils.config import ConfigError
+from utils.config import ConfigError, check_range
 
 PATCH_NUMS = {
     "256": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -36,8 +36,15 @@ class VQVAEConfig:
     dropout: float = 0.0
 
     def validate(self) -> None:
-        if list(self.patch_nums) != sorted(set(self.patch_nums)) or not self.patch_nums:
-            raise ConfigError(f"patch_nums must be strictly increasing, got {self.patch_nums}")
+        for name in ("vocab_size", "z_channels"):
+            check_range(name, getattr(self, name), 1)
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ConfigError(f"ch_mult must be a non-empty list of widths >= 1, got {self.ch_mult}")
+        check_range("phi_ratio", self.phi_ratio, 0.0, 1.0)
+        check_range("beta", self.beta, 0.0)
+        check_range("dropout", self.dropout, 0.0, 1.0, below_high=True)
+        if list(self.patch_nums) != sorted(set(self.patch_nums)) or not self.patch_nums or self.patch_nums[0] < 1:
+            raise ConfigError(f"patch_nums must be positive and strictly increasing, got {self.patch_nums}")
         if self.ch % 32:
             raise ConfigError(f"ch must be a multiple of 32 (GroupNorm with 32 groups), got {self.ch}")
         if self.num_phis < 1:

@@ -174,6 +174,21 @@ def test_run_config_refuses_values_out_of_range(override, match):
         load_config(RunConfig, None, ["--star_train.vqvae=v", override])
 
 
+@pytest.mark.parametrize("override, match", [
+    ("--model.depth=0", r"^model: 'depth' must be 1 <= depth, got 0$"),          # was a ZeroDivisionError
+    ("--model.vocab_size=0", r"^model: 'vocab_size' must be 1 <="),
+    ("--model.drop_path_rate=1.5", r"^model: 'drop_path_rate' must be 0.0 <= drop_path_rate < 1.0"),
+    ("--model.mlp_ratio=0", r"^model: 'mlp_ratio' must be > 0"),
+    ("--vqvae.ch_mult=[]", r"^vqvae: ch_mult must be a non-empty list"),
+    ("--vqvae.dropout=2", r"^vqvae: 'dropout' must be 0.0 <= dropout < 1.0"),
+    ("--vqvae.vocab_size=0", r"^vqvae: 'vocab_size' must be 1 <="),                # same key, its section named
+])
+def test_model_configs_refuse_values_out_of_range_and_name_their_section(override, match):
+    from trainer.config import RunConfig
+    with pytest.raises(ConfigError, match=match):
+        load_config(RunConfig, None, ["--star_train.vqvae=v", "--stage=vqvae", override])
+
+
 def test_sampler_scale_index_is_checked_against_the_models_scales():
     """sample_from=12 on 10 scales silently trained a head for scales 2..9."""
     from trainer.config import RunConfig

@@ -122,7 +122,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"section '{prefix.rstrip('.') or cls.__name__}': {e}") from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError as e:  # name the section unless the message does ('optim.lr must ...')
+            if prefix and prefix not in str(e):
+                raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+            raise
     return obj
 
 
