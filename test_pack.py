@@ -9,7 +9,8 @@ Inputs (one of):
 Examples:
   python test_pack.py --folder photos/ --out data/photos --max-side 512 --workers 4
   python test_pack.py --shapes 10000 --shapes-size 128 --out data/shapes128
-Re-running skips finished shards. The record format is documented in utils/data/records.py and the README.
+Re-running skips finished shards (if they hold what this run would write). The record format is documented in
+utils/data/records.py and the README.
 """
 import argparse
 import json
@@ -42,16 +43,16 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=cli.positive_int, default=10000)
     p.add_argument("--workers", type=cli.positive_int, default=1)
-    p.add_argument("--max-side", type=int, default=0, help="shrink images larger than this (0: keep)")
-    p.add_argument("--min-side", type=int, default=0, help="skip images whose shorter side is smaller")
+    p.add_argument("--max-side", type=cli.non_negative_int, default=0, help="shrink images larger than this (0: keep)")
+    p.add_argument("--min-side", type=cli.non_negative_int, default=0, help="skip images whose shorter side is smaller")
     p.add_argument("--keep-original", action="store_true", help="store original bytes when not resized")
     p.add_argument("--caption-keys", default=None, help="comma-separated caption fields to keep")
     p.add_argument("--image-dir", default="images", help="--official: image folder name")
     p.add_argument("--json-dir", default="jsons", help="--official: JSON folder name")
     p.add_argument("--shapes-split", default="train", choices=["train", "heldout"])
-    p.add_argument("--shapes-size", type=int, default=64)
+    p.add_argument("--shapes-size", type=cli.positive_int, default=64)
     p.add_argument("--shapes-seed", type=int, default=0)
-    p.add_argument("--shapes-texture", type=float, default=0.0)
+    p.add_argument("--shapes-texture", type=cli.fraction, default=0.0)
     args = p.parse_args()
 
     keys = tuple(args.caption_keys.split(",")) if args.caption_keys else None
@@ -80,6 +81,8 @@ def main() -> int:
         expected = (f"images ({', '.join(IMAGE_EXTS)}) with .txt/.json captions" if args.folder else
                     "rows with an 'image' column" if args.manifest else f"{args.json_dir}/*.json records")
         raise cli.InputError(f"nothing to pack in {source}: expected {expected}")
+    if inputs and not summary["packed"]:  # e.g. --min-side above every image: no data, not a finished pack
+        raise cli.InputError(f"every input was skipped ({summary['skipped']}); nothing was packed into {args.out}")
     return 0
 
 

@@ -207,6 +207,24 @@ def test_test_pack_cli_prints_summary(tmp_path):
     assert summary["packed"] == 20 and summary["shards_written"] == 3
 
 
+def test_a_rerun_reuses_shards_only_if_it_would_write_the_same(tmp_path):
+    """Re-running with other options (or other items in a shard) used to reuse the old shards silently."""
+    from utils.cli import InputError
+    from utils.data.pack import shapes_items
+    out, opts = tmp_path / "o", PackOptions(shard_size=8)
+    assert pack(shapes_items(20, size=32), out, opts)["shards_written"] == 3
+    again = pack(shapes_items(20, size=32), out, opts)
+    assert (again["shards_reused"], again["shards_written"], again["packed"]) == (3, 0, 20)
+    with pytest.raises(InputError, match=r"shard-00000 from another packing run \(max_side: 0 -> 16\)"):
+        pack(shapes_items(20, size=32), out, PackOptions(shard_size=8, max_side=16))
+    with pytest.raises(InputError, match=r"shard-00000 from another packing run \(its items"):
+        pack(shapes_items(20, size=48), out, opts)  # the shapes size is an item parameter
+    done = out / "shard-00000.done.json"  # written before fingerprints existed: reused as it is
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "fingerprint"}))
+    with pytest.raises(InputError, match="shard-00001 from another packing run"):
+        pack(shapes_items(20, size=48), out, opts)
+
+
 @pytest.mark.parametrize("source, expected", [
     (["--folder", "{tmp}/missing"], "no such folder"),
     (["--manifest", "{tmp}/missing.jsonl"], "no such file"),
@@ -223,3 +241,25 @@ def test_test_pack_refuses_a_wrong_source(tmp_path, monkeypatch, capsys, source,
     assert cli.run(test_pack.main) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and expected in err, err
+
+
+def test_test_pack_fails_when_every_input_is_skipped(photo_folder, tmp_path, monkeypatch, capsys):
+    """--min-side above every image packed nothing and exited 0, as if the data were ready."""
+    import test_pack
+    from utils import cli
+    argv = ["test_pack.py", "--folder", str(photo_folder), "--min-side", "100000", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert cli.run(test_pack.main) == 2
+    err = capsys.readouterr().err
+    assert "error: every input was skipped (" in err and "'too small': 7" in err
+
+
+@pytest.mark.parametrize("flag", [["--shapes-size", "0"], ["--shapes-texture", "1.5"], ["--max-side", "-1"]])
+def test_test_pack_refuses_bad_numbers_before_packing(tmp_path, monkeypatch, capsys, flag):
+    """--shapes-size 0 'packed' 0 images as unreadable and exited 0; the others were accepted."""
+    import test_pack
+    monkeypatch.setattr(sys, "argv", ["test_pack.py", "--shapes", "3", *flag, "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as info:
+        test_pack.main()
+    assert info.value.code == 2 and f"argument {flag[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,8 @@
 
 A bad config, an unusable checkpoint or a missing file is the user's to fix, and the message says how; the
 traceback only buries it. ``STAR_TRACEBACK=1`` shows the traceback anyway. Other exceptions (bugs) propagate.
-``device_arg`` and ``positive_int`` are argparse types that refuse a bad flag before anything loads.
+``device_arg``, ``positive_int``, ``non_negative_int`` and ``fraction`` are argparse types that refuse a bad flag
+before anything loads.
 """
 from __future__ import annotations
 
@@ -38,14 +39,34 @@ def device_arg(text: str) -> str:
     return text
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type`` of counts and sizes that must be at least 1 (images, batch sizes, repetitions)."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of counts and sizes that must be at least 1 (images, batch sizes, repetitions)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type`` of sizes where 0 means "off" (``--max-side 0``: keep the size)."""
+    return _int_at_least(text, 0)
+
+
+def fraction(text: str) -> float:
+    """argparse ``type`` of a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
     return value
 
 

@@ -1,12 +1,14 @@
 """Packing image-caption pairs into LMDB shards (the library behind ``test_pack.py``).
 
 Sources yield small ``Item`` descriptors (a path or a shapes index, captions) lazily; items are cut into shards
-of ``shard_size`` in input order, so shard k always holds the same items and a re-run skips finished shards.
+of ``shard_size`` in input order, so shard k always holds the same items and a re-run skips finished shards:
+those whose fingerprint (their items and the image options, in .done.json) matches this run's.
 Each worker process writes whole shards; images are decoded one at a time (memory stays flat).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -20,6 +22,7 @@ from typing import Iterator
 import lmdb
 from PIL import Image
 
+from utils.cli import InputError
 from utils.data.records import FORMAT, META_KEY, encode_record, record_key
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -187,11 +190,39 @@ def write_shard(out_dir: Path, shard_id: int, items: list[Item], opts: PackOptio
     finally:
         env.close()
     (out_dir / f"{name}.index.json").write_text(json.dumps(sizes))
-    done = {"packed": stats.packed, "skipped": dict(stats.skipped), "inputs": len(items)}
+    done = {"packed": stats.packed, "skipped": dict(stats.skipped), "inputs": len(items),
+            "fingerprint": shard_fingerprint(items, opts)}
     tmp = out_dir / f".{name}.done.json.tmp"
     tmp.write_text(json.dumps(done))
     os.replace(tmp, out_dir / f"{name}.done.json")
     return stats
+
+
+def shard_fingerprint(items: list[Item], opts: PackOptions) -> dict:
+    """What a shard's content depends on: its items (keys, captions, shapes parameters) and the options that
+    change the stored images. Recorded in .done.json so that a re-run reuses a shard only if it would write the
+    same one."""
+    digest = hashlib.sha1()
+    for item in items:
+        digest.update(json.dumps([item.key, item.captions, item.shapes], sort_keys=True).encode())
+        digest.update(b"\n")
+    return {"items_sha1": digest.hexdigest(), "max_side": opts.max_side, "min_side": opts.min_side,
+            "keep_original": opts.keep_original}
+
+
+def _check_reusable(done: Path, info: dict, items: list[Item], opts: PackOptions) -> None:
+    """InputError unless the finished shard is what this run would write (files written before fingerprints
+    were recorded are taken as they are)."""
+    recorded, wanted = info.get("fingerprint"), shard_fingerprint(items, opts)
+    if recorded is None or recorded == wanted:
+        return
+    changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items() if k != "items_sha1" and
+               recorded.get(k) != v]
+    if recorded.get("items_sha1") != wanted["items_sha1"]:
+        changed.append("its items (images added or removed before it, other captions, --shard-size or the "
+                       "shapes settings)")
+    raise InputError(f"{done.parent} holds {done.name[:-len('.done.json')]} from another packing run "
+                     f"({'; '.join(changed)}): pack into a new --out, or delete that folder to start over")
 
 
 def _shard_job(args):
@@ -212,6 +243,7 @@ def pack(items: Iterator[Item], out_dir: str | Path, opts: PackOptions, progress
             done = out_dir / f"shard-{shard_id:05d}.done.json"
             if done.is_file():  # resumable: finished shards are kept
                 info = json.loads(done.read_text())
+                _check_reusable(done, info, chunk, opts)
                 total.packed += info["packed"]
                 total.skipped.update(info["skipped"])
                 reused += 1
