@@ -40,7 +40,7 @@ class VQVAEConfig:
             check_range(name, getattr(self, name), 1)
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ConfigError(f"ch_mult must be a non-empty list of widths >= 1, got {self.ch_mult}")
-        check_range("phi_ratio", self.phi_ratio, 0.0, 1.0)
+        check_range("phi_ratio", self.phi_ratio, -1.0, 1.0)  # its magnitude is used, as VAR's quant_resi
         check_range("beta", self.beta, 0.0)
         check_range("dropout", self.dropout, 0.0, 1.0, below_high=True)
         if list(self.patch_nums) != sorted(set(self.patch_nums)) or not self.patch_nums or self.patch_nums[0] < 1:
