@@ -110,7 +110,9 @@ def load_pretrained_star(directory: str | Path, **config_overrides) -> STAR:
     """A STAR model from our directory format (``config_overrides`` e.g. legacy switches)."""
     cfg_dict = read_config(directory)
     if "star" not in cfg_dict:
-        raise CheckpointError(f"{directory}/config.json has no 'star' section")
+        hint = (": it holds a VQ-VAE only; a STAR model is a STAR run's <loop.out_dir>/final (or the quickstart's "
+                "pipeline/)") if "vqvae" in cfg_dict else ""
+        raise CheckpointError(f"{directory}/config.json has no 'star' section{hint}")
     cfg = from_dict(StarConfig, {**cfg_dict["star"], **config_overrides})
     model = STAR(cfg)
     path = Path(directory) / "model.safetensors"

@@ -221,3 +221,9 @@ def _with_config(directory, copy, vqvae_changes: dict):
     config["vqvae"].update(vqvae_changes)
     (copy / "config.json").write_text(json.dumps(config))
     return copy
+
+
+def test_a_vqvae_directory_given_as_the_pipeline_says_what_it_is(tmp_path, capsys):
+    argv = ["--ckpt", str(make_vqvae_dir(tmp_path / "vqvae")), "--prompt", "a red circle", "--out", str(tmp_path)]
+    assert cli.run(sample.main, argv) == 2
+    assert "has no 'star' section: it holds a VQ-VAE only" in capsys.readouterr().err

@@ -43,6 +43,9 @@ def with_backbone_settings(cfg: RunConfig) -> RunConfig:
     three (config.json, vqvae.safetensors); an official ``.pth`` records none, so then the run's settings are
     taken as given and ``star_train.vqvae`` is required."""
     backbone = Path(cfg.sampler_train.backbone)
+    if not backbone.exists():  # else the first complaint would be about its missing VQ-VAE
+        raise FileNotFoundError(f"sampler_train.backbone={backbone} not found: pass the STAR run's exported "
+                                "directory (<loop.out_dir>/final) or an official .pth")
     recorded = read_config(backbone) if backbone.is_dir() else {}
     differences = settings_differences(recorded, cfg, ("model", "text"))
     if differences:
