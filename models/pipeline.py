@@ -123,7 +123,9 @@ class StarPipeline:
         if text_encoder_path is not None and not isinstance(text_encoder, TextEncoder):
             text_config = {**text_config, "path": text_encoder_path}
         if text_encoder is None and "encoder" not in text_config:
-            raise CheckpointError(f"{path} does not name its text encoder: pass text_encoder=(kind, path)")
+            raise CheckpointError(f"{path} does not name its text encoder: pass text_encoder=(kind, path) (on the "
+                                  "command line --text-encoder KIND --text-encoder-path DIR; official: hf-clip with "
+                                  "SD 2.1's text encoder)")
         if not isinstance(text_encoder, TextEncoder):
             text_encoder = text_encoder_from_config(text_config)
         return cls(star, vqvae, text_encoder, sampler, device, dtype, text_config, generation)
