@@ -227,3 +227,19 @@ def test_a_vqvae_directory_given_as_the_pipeline_says_what_it_is(tmp_path, capsy
     argv = ["--ckpt", str(make_vqvae_dir(tmp_path / "vqvae")), "--prompt", "a red circle", "--out", str(tmp_path)]
     assert cli.run(sample.main, argv) == 2
     assert "has no 'star' section: it holds a VQ-VAE only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "checkpoint not found"),
+    ("garbage", "cannot read"),                                          # was torch.load's traceback
+    ("export", "is not a training checkpoint (a run's <loop.out_dir>/ckpt-*.pt; it lacks model, optimizer"),
+])
+def test_an_unusable_loop_resume_file_is_one_line(tmp_path, capsys, kind, message):
+    path = {"missing": tmp_path / "nothing.pt", "garbage": tmp_path / "garbage.pt",
+            "export": make_vqvae_dir(tmp_path / "vqvae") / "vqvae.safetensors"}[kind]
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    argv = ["train.py", f"--config={CONFIG}", f"--loop.resume={path}", f"--loop.out_dir={tmp_path / 'run'}"]
+    assert cli.run(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import atomic_save
+from models.checkpoint import CheckpointError, atomic_save, read_weights
 
 log = logging.getLogger("star")
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+_TRAINING_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "batches_in_epoch", "rng")
 
 
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
@@ -50,7 +51,14 @@ def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training checkpoint; CheckpointError when the file is missing, unreadable or holds something else
+    (exported weights, an official file)."""
+    ckpt = read_weights(path)
+    missing = [key for key in _TRAINING_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (a run's <loop.out_dir>/ckpt-*.pt; it lacks "
+                              f"{', '.join(missing)}): to start from its weights, use --loop.init_from")
+    return ckpt
 
 
 def find_resumable(out_dir: str | Path) -> tuple[Path, dict] | None:
