@@ -140,6 +140,8 @@ def test_the_backbone_directory_brings_its_vqvae_and_refuses_other_settings(tmp_
     assert resolve(**{"sampler_train.backbone": str(official)}).star_train.vqvae == str(vqvae_dir)
     with pytest.raises(FileNotFoundError, match="sampler_train.backbone=.*missing not found"):  # was "no VQ-VAE"
         resolve(**{"sampler_train.backbone": str(tmp_path / "missing"), "star_train.vqvae": ""})
+    with pytest.raises(ConfigError, match="holds no STAR model"):  # the VQ-VAE run's directory by mistake
+        resolve(**{"sampler_train.backbone": str(vqvae_dir)})
 
 
 def test_head_initialised_from_the_backbone_returns_the_backbone_logits():

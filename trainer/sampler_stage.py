@@ -47,6 +47,9 @@ def with_backbone_settings(cfg: RunConfig) -> RunConfig:
         raise FileNotFoundError(f"sampler_train.backbone={backbone} not found: pass the STAR run's exported "
                                 "directory (<loop.out_dir>/final) or an official .pth")
     recorded = read_config(backbone) if backbone.is_dir() else {}
+    if backbone.is_dir() and "star" not in recorded:  # e.g. the VQ-VAE run's directory
+        raise ConfigError(f"sampler_train.backbone={backbone} holds no STAR model (its config.json has no 'star' "
+                          "section): pass the STAR run's exported directory (<loop.out_dir>/final)")
     differences = settings_differences(recorded, cfg, ("model", "text"))
     if differences:
         listed = "; ".join(f"{section}.{key}: backbone {theirs!r}, this run {ours!r}"
