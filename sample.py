@@ -49,6 +49,8 @@ def read_items(args) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:  # a run that "finishes" with nothing generated hides the mistake
+        raise cli.InputError(f"no prompts in {path}: one prompt per line (.txt) or one JSON object per line (.jsonl)")
     if path.suffix == ".jsonl":
         items = []
         for n, line in enumerate(lines, 1):

@@ -243,3 +243,11 @@ def test_an_unusable_loop_resume_file_is_one_line(tmp_path, capsys, kind, messag
     assert cli.run(train.main, argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("name", ["prompts.txt", "items.jsonl"])
+def test_an_empty_prompt_file_is_an_error(tmp_path, capsys, name):
+    """It was a run that generated 0 items and exited 0."""
+    (tmp_path / name).write_text("\n  \n")
+    assert cli.run(sample.main, ["--prompts", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+    assert f"no prompts in {tmp_path / name}" in capsys.readouterr().err
