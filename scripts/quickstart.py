@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere without installing
+
+from utils.hardware import cpu_has_amx  # noqa: E402
+
 TARGETS = {"one": 0.90, "two": 0.60}  # all-correct accuracy on held-out prompts
 
 # Steps per stage: default (--minutes 0: fixed counts that fit 20 minutes on the slowest 2-core machine seen),
@@ -59,14 +63,6 @@ def stage_budget(key: str, minutes: float, seconds: dict[str, float]) -> float:
     left = minutes * 60 - sum(seconds.values()) - sum(allowance[k] for k in allowance if k not in seconds)
     share = BUDGET_SHARES[key] / sum(BUDGET_SHARES[k] for k in later)
     return max(left - STARTUP_SECONDS * len(later), 0.0) * share
-
-
-def has_amx() -> bool:
-    """Whether the CPU has AMX bf16 units (Linux: /proc/cpuinfo flags)."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -107,7 +103,7 @@ def main(argv=None) -> int:
     if args.minutes is not None and (args.long or args.smoke):
         p.error("--minutes sets the default run's budget; --long and --smoke use fixed step counts")
     minutes = 20.0 if args.minutes is None and not (args.long or args.smoke) else (args.minutes or 0.0)
-    precision = args.precision if args.precision != "auto" else "bf16" if has_amx() else "fp32"
+    precision = args.precision if args.precision != "auto" else "bf16" if cpu_has_amx() else "fp32"
     out = args.out if args.out.is_absolute() else REPO / args.out
     if args.fresh and out.exists():
         shutil.rmtree(out)

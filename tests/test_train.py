@@ -325,3 +325,15 @@ def test_time_budget_ends_the_run_when_later_steps_run_slower_than_planned(tmp_p
     assert ckpt["budget_steps"] == step  # a resume keeps the shortened count
     assert history(tmp_path)[-1]["step"] == step and "val_loss" in history(tmp_path)[-1]
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_half_precision_on_a_cpu_without_amx_is_warned_about(monkeypatch):
+    """bf16 / fp16 autocast on an AVX2 CPU runs its matmuls ~100x slower than fp32: a run should say so."""
+    import trainer.loop as loop
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(loop, "cpu_has_amx", lambda: False)
+    assert "loop.precision=bf16 on a CPU without AMX" in loop.precision_warning(cpu, "bf16")
+    assert loop.precision_warning(cpu, "fp16") is not None
+    assert loop.precision_warning(cpu, "fp32") is None and loop.precision_warning(cuda, "bf16") is None
+    monkeypatch.setattr(loop, "cpu_has_amx", lambda: True)
+    assert loop.precision_warning(cpu, "bf16") is None

@@ -39,6 +39,7 @@ from trainer.stop import StopRequest, TrainingStopped
 from utils import dist
 from utils.config import ConfigError, config_changes, to_dict
 from utils.data.dataset import DistributedResumableSampler
+from utils.hardware import cpu_has_amx
 from utils.logging import get_logger
 
 
@@ -87,6 +88,14 @@ def micro_batch_samples(config: dict) -> int:
     return config["loop"]["batch_size"] // config["optim"]["grad_accum"]
 
 
+def precision_warning(device: torch.device, precision: str) -> str | None:
+    """What to tell a run whose autocast dtype is slow on its device (half precision on a CPU without AMX)."""
+    if device.type == "cpu" and precision != "fp32" and not cpu_has_amx():
+        return (f"loop.precision={precision} on a CPU without AMX: half-precision matmuls run ~100x slower than "
+                "fp32 here; --loop.precision=fp32 is the fast setting on this machine")
+    return None
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -108,6 +117,8 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
         raise ConfigError(f"loop.batch_size {loop.batch_size} must be divisible by world size {world} x "
                           f"grad_accum {optim_cfg.grad_accum}")
 
+    if (warning := precision_warning(device, loop.precision)) is not None:
+        log.warning(warning)
     model = stage.model.to(device)
     trained: nn.Module = model
     if loop.compile:
