@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from models import PATCH_NUMS, STAR_SIZES
 from utils import cli
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -17,8 +18,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def bench_parser(doc: str, batch: int, cfg: float, cfg_help: str = "guidance scale") -> argparse.ArgumentParser:
     """The flags every benchmark script shares (model, shape, numerics, device, repetitions, threads)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="star-d16")
-    p.add_argument("--resolution", default="256")
+    p.add_argument("--size", default="star-d16", choices=sorted(STAR_SIZES))
+    p.add_argument("--resolution", choices=sorted(PATCH_NUMS),
+                   help="patch schedule (default 256; star-tiny has its own 64x64 one)")
     p.add_argument("--batch", type=cli.positive_int, default=batch)
     p.add_argument("--cfg", type=float, default=cfg, help=cfg_help)
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
@@ -30,8 +32,15 @@ def bench_parser(doc: str, batch: int, cfg: float, cfg_help: str = "guidance sca
 
 
 def parse_bench_args(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, torch.device, torch.dtype]:
-    """Parse the command line, apply ``--threads``; returns (args, device, dtype)."""
+    """Parse the command line, apply ``--threads``; returns (args, device, dtype). ``args.resolution`` is None
+    for star-tiny (its own schedule), else the schedule's name."""
     args = parser.parse_args()
+    if args.size == "star-tiny" and args.resolution is not None:
+        parser.error("star-tiny has its own 64x64 schedule: drop --resolution")
+    if args.size != "star-tiny" and args.resolution is None:
+        args.resolution = "256"
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: leave the default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     return args, torch.device(args.device), DTYPES[args.dtype]

@@ -41,8 +41,7 @@ def main() -> int:
     args, device, dtype = parse_bench_args(p)
 
     torch.manual_seed(0)
-    res = None if args.size == "star-tiny" else args.resolution
-    cfg = star_config(args.size, res, legacy_cross_attn_batch0=args.legacy_cross_attn)
+    cfg = star_config(args.size, args.resolution, legacy_cross_attn_batch0=args.legacy_cross_attn)
     vcfg = vqvae_config("vqvae-tiny" if args.size == "star-tiny" else "vqvae-f16-c160", patch_nums=cfg.patch_nums,
                         vocab_size=cfg.vocab_size, z_channels=cfg.z_channels)
     with device:  # random init on the target device (star-d30 takes ~1 min on a 2-core CPU)

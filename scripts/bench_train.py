@@ -39,7 +39,7 @@ def main() -> int:
     if args.attention == "flex" and device.type != "cuda":
         p.error("--attention flex needs --device cuda (PyTorch has no FlexAttention backward on the CPU)")
     torch.manual_seed(0)
-    cfg = star_config(args.size, None if args.size == "star-tiny" else args.resolution)
+    cfg = star_config(args.size, args.resolution)
     with device:  # random init on the target device (faster than on the CPU for the large sizes)
         model = build_star(cfg).train()
     model.set_activation_checkpointing(args.activation_checkpointing)

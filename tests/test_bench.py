@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from metrics.flops import star_generation_flops, star_training_flops, vqvae_decode_flops
@@ -111,3 +112,24 @@ def test_paired_fraction_pairs_each_run_with_its_own_matmul_rate():
     # 100 GFLOP; the machine halves its speed between runs, and the matmul timed after each run shows it
     assert paired_fraction(100e9, [1.0, 2.0, 4.0], [200.0, 100.0, 50.0]) == 0.5
     assert paired_fraction(100e9, [1.0, 2.0, 1.0], [100.0, 100.0, 50.0]) == 1.0  # the median of 1, 0.5, 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "star-d17"], "argument --size: invalid choice"),            # was a KeyError traceback
+    (["--size", "star-d16", "--resolution", "300"], "argument --resolution: invalid choice"),
+    (["--size", "star-tiny", "--resolution", "1024"], "star-tiny has its own 64x64 schedule"),  # was ignored
+    (["--threads", "-1"], "--threads must be >= 0"),
+])
+def test_bench_flags_are_checked_before_anything_runs(monkeypatch, capsys, argv, message):
+    from metrics.bench import bench_parser, parse_bench_args
+    monkeypatch.setattr(sys, "argv", ["bench", *argv])
+    with pytest.raises(SystemExit):
+        parse_bench_args(bench_parser("", batch=1, cfg=4.0))
+    assert message in capsys.readouterr().err
+
+
+def test_bench_resolution_defaults_to_256_and_is_none_for_the_tiny_size(monkeypatch):
+    from metrics.bench import bench_parser, parse_bench_args
+    for argv, expected in ((["--size", "star-d16"], "256"), (["--size", "star-tiny"], None)):
+        monkeypatch.setattr(sys, "argv", ["bench", *argv])
+        assert parse_bench_args(bench_parser("", batch=1, cfg=4.0))[0].resolution == expected
