@@ -31,6 +31,18 @@ def test_run_turns_input_errors_into_one_line_and_exit_2(capsys, monkeypatch):
     assert cli.run(lambda: None) == 0
 
 
+@pytest.mark.parametrize("script, argv", [
+    (sample.main, ["--prompt", "a red circle", "--out", "{file}"]),
+    (train.main, ["train.py", f"--config={CONFIG}", "--loop.out_dir={file}", "--loop.steps=1"]),
+])
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, script, argv):
+    """Was FileExistsError's traceback."""
+    (tmp_path / "taken").write_text("")
+    assert cli.run(script, [a.format(file=tmp_path / "taken") for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 17] File exists") and str(tmp_path / "taken") in err and "Traceback" not in err
+
+
 def test_sample_with_a_missing_checkpoint(tmp_path, capsys):
     argv = ["--ckpt", str(tmp_path / "missing"), "--prompt", "a red circle", "--out", str(tmp_path / "out")]
     assert cli.run(sample.main, argv) == 2

@@ -19,7 +19,9 @@ class InputError(Exception):
     """Base of the errors a user fixes by changing the input: configs, checkpoints, data paths."""
 
 
-INPUT_ERRORS = (InputError, FileNotFoundError)
+# Path errors name the path, which is the user's to fix (an --out that is a file, a folder without write access).
+INPUT_ERRORS = (InputError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
 EXIT_INPUT_ERROR = 2
 
 
