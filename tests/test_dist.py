@@ -43,6 +43,21 @@ def test_logger_writes_file_on_rank0(tmp_path):
     assert "hello 7" in (tmp_path / "log.txt").read_text()
 
 
+
+def test_a_second_run_in_one_process_logs_to_its_own_file_only(tmp_path):
+    """A notebook training twice wrote the second run's lines into the first run's train.log as well."""
+    first = get_logger("star-test-two", tmp_path / "first.log")
+    first.info("run one")
+    second = get_logger("star-test-two", tmp_path / "second.log")
+    second.info("run two")
+    get_logger("star-test-two").info("a warning from elsewhere")  # no file given: the current one stays
+    for h in second.handlers:
+        h.flush()
+    assert (tmp_path / "first.log").read_text().count("run") == 1
+    assert "run two" in (tmp_path / "second.log").read_text()
+    assert "from elsewhere" in (tmp_path / "second.log").read_text()
+
+
 @pytest.mark.parametrize("launcher", [
     ["torch.distributed.run", "--standalone"],   # torchrun
     ["torch.distributed.launch"],                # the legacy form of the official README (passes --local-rank)
