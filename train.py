@@ -12,6 +12,7 @@ SIGTERM, SIGUSR1 or Ctrl-C stop the run after the current step with a checkpoint
 a second Ctrl-C stops at once): see trainer/stop.py.
 """
 import sys
+from pathlib import Path
 
 import torch
 
@@ -77,6 +78,9 @@ def main(argv: list[str], required_stage: str | None = None) -> int:
     if required_stage is not None and cfg.stage != required_stage:
         raise ConfigError(f"this entry point trains stage '{required_stage}' but the config says stage "
                           f"'{cfg.stage}' (use train.py, or set \"stage\": \"{required_stage}\")")
+    # The run's train.log from here on: warnings from building the stage (another text encoder than the backbone's,
+    # say) belong in it too.
+    get_logger("star", Path(cfg.loop.out_dir) / "train.log")
     torch.manual_seed(cfg.loop.seed)  # same initial weights on every rank
     if cfg.stage == "vqvae":
         from trainer.vqvae_stage import VQVAEStage

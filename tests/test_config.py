@@ -1,11 +1,14 @@
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from models.star import StarConfig
 from models.vqvae import VQVAEConfig
 from utils.config import ConfigError, from_dict, load_config, parse_overrides, to_dict, to_json
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -198,6 +201,17 @@ def test_sampler_scale_index_is_checked_against_the_models_scales():
     with pytest.raises(ConfigError, match=r"must not be 0: the head covers scales 1..9"):
         load_config(RunConfig, None, [*run, "--sampler_train.sample_from=0"])
     assert load_config(RunConfig, None, [*run, "--sampler_train.sample_from=-9"]).sampler_train.sample_from == -9
+
+
+@pytest.mark.parametrize("key", ["data.lmdb_dirs", "data.val_lmdb_dirs"])
+def test_packed_folders_with_the_shapes_source_are_an_error(key):
+    """configs/shapes_*.json with --data.lmdb_dirs trained on the built-in shapes, the folders unread."""
+    from trainer.config import RunConfig
+    with pytest.raises(ConfigError, match=rf"^{key} is given but data.source='shapes' .* --data.source=lmdb"):
+        load_config(RunConfig, REPO / "configs" / "shapes_star.json", [f"--{key}=data/photos"])
+    cfg = load_config(RunConfig, REPO / "configs" / "shapes_star.json", ["--data.source=lmdb", f"--{key}=data/photos",
+                                                                         "--data.lmdb_dirs=data/photos"])
+    assert cfg.data.lmdb_dirs == ["data/photos"]
 
 
 def test_nan_in_a_config_file_is_out_of_every_range(tmp_path):

@@ -156,6 +156,7 @@ def test_training_logs_the_skipped_records_of_all_ranks_across_resume(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "checkpoint written by 1 rank(s), resuming on 2" in second.stderr
     assert [(r["step"], r["skipped_records"]) for r in history(tmp_path / "run")] == [(1, 2), (2, 4), (3, 6), (4, 8)]
+    assert (tmp_path / "run" / "train.log").read_text().rstrip().endswith("; 8 unreadable records skipped")
 
 
 def test_sampler_gives_disjoint_complete_coverage_for_two_ranks():

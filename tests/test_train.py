@@ -109,6 +109,17 @@ def test_star_loss_decreases_and_logs(tmp_path, vqvae_dir):
     # the exported pipeline samples, by default, the way the run's samples were drawn
     exported = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert exported["generation"] == {"cfg": 1.5, "top_k": 2, "top_p": 0.95, "guidance_schedule": "constant"}
+    # train.log says what the run was (it used to hold only the checkpoint lines), and the step lines, which the
+    # console leaves to tqdm's bar
+    lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert "star stage: " in lines[0] and "M trained), fp32 on cpu, 1 rank(s); writing to " in lines[0]
+    assert lines[1].endswith("200 training records; batch 8 = 8 per rank x 1 rank(s) x 1 accumulation step(s); "
+                             "30 steps")
+    steps = [line.split("] ", 1)[1] for line in lines if "] step " in line]
+    assert [s.split()[1] for s in steps] == [f"{n}/30" for n in range(5, 31, 5)]
+    assert f"loss {rows[-1]['loss']:.4g} lr " in steps[-1] and "scale" not in steps[-1]
+    assert "step 5/30" not in res.stderr
+    assert "finished at step 30: 30 steps in " in lines[-1] and lines[-1].endswith("final (EMA weights)")
 
 
 def test_vqvae_stage_trains_and_resumes(tmp_path):
@@ -150,6 +161,7 @@ def test_vqvae_ddp_two_ranks_match_single_process(tmp_path):
 def test_resume_with_another_batch_size_keeps_the_sample_position(tmp_path, vqvae_dir):
     first = run_train(star_overrides(tmp_path, vqvae_dir, 2, **{"loop.ckpt_every": 2}))  # batch 8: 2 batches in
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "optim.warmup_steps=2 >= loop.steps=2: the learning rate never reaches optim.lr=0.003" in first.stderr
     second = run_train(star_overrides(tmp_path, vqvae_dir, 4, **{"loop.batch_size": 4}))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "4 samples per micro-batch over all ranks, the checkpoint's 8" in second.stderr
@@ -337,3 +349,17 @@ def test_half_precision_on_a_cpu_without_amx_is_warned_about(monkeypatch):
     assert loop.precision_warning(cpu, "fp32") is None and loop.precision_warning(cuda, "bf16") is None
     monkeypatch.setattr(loop, "cpu_has_amx", lambda: True)
     assert loop.precision_warning(cpu, "bf16") is None
+
+
+def test_warnings_from_building_the_stage_reach_train_log(tmp_path, vqvae_dir):
+    """The stage is built before the loop starts; its warnings (here: fine-tuning from a run with another text
+    encoder) went to the console only, not into the run's train.log."""
+    from trainer.config import RunConfig
+    from trainer.star_stage import StarStage
+    from utils.config import load_config
+    source = load_config(RunConfig, None, star_overrides(tmp_path / "source", vqvae_dir, **{"text.tiny_layers": 1}))
+    StarStage(source, torch.device("cpu")).export(tmp_path / "source" / "final", None)
+    res = run_train(star_overrides(tmp_path / "run", vqvae_dir, 1, **{"loop.init_from": tmp_path / "source" / "final",
+                                                                      "text.tiny_layers": 2}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "was trained with text.tiny_layers=1, this run uses 2" in (tmp_path / "run" / "train.log").read_text()

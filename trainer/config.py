@@ -30,6 +30,10 @@ class DataConfig:
             raise ConfigError(f"data.source must be 'shapes' or 'lmdb', got {self.source!r}")
         if self.source == "lmdb" and not self.lmdb_dirs:
             raise ConfigError("data.source='lmdb' needs data.lmdb_dirs (folders written by test_pack.py)")
+        if self.source == "shapes" and (self.lmdb_dirs or self.val_lmdb_dirs):  # would train on shapes regardless
+            given = "data.lmdb_dirs" if self.lmdb_dirs else "data.val_lmdb_dirs"
+            raise ConfigError(f"{given} is given but data.source='shapes' (the built-in data set) does not read it: "
+                              "add --data.source=lmdb to train on those folders")
         check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
         check_range("data.random_crop", self.random_crop, 0.0, 1.0, below_high=True)
         check_range("data.shapes_texture", self.shapes_texture, 0.0, 1.0)

@@ -40,7 +40,7 @@ from utils import dist
 from utils.config import ConfigError, config_changes, to_dict
 from utils.data.dataset import DistributedResumableSampler
 from utils.hardware import cpu_has_amx
-from utils.logging import get_logger
+from utils.logging import FILE_ONLY, get_logger
 
 
 class Stage(Protocol):
@@ -94,6 +94,28 @@ def precision_warning(device: torch.device, precision: str) -> str | None:
         return (f"loop.precision={precision} on a CPU without AMX: half-precision matmuls run ~100x slower than "
                 "fp32 here; --loop.precision=fp32 is the fast setting on this machine")
     return None
+
+
+def run_header(cfg: RunConfig, model: nn.Module, train_records: int, val_records: int, world: int,
+               per_step: int, device: torch.device) -> list[str]:
+    """What train.log says a run is, before its first step: model size, data, batch, steps, precision, place."""
+    loop, total = cfg.loop, sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    budget = f" (at most: time budget {loop.time_budget_s:g} s)" if loop.time_budget_s > 0 else ""
+    validation = f", {val_records} validation records every {loop.eval_every} steps" if val_records else ""
+    return [f"{cfg.stage} stage: {total / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained), {loop.precision} on "
+            f"{device}, {world} rank(s); writing to {Path(loop.out_dir).resolve()}",
+            f"{train_records} training records{validation}; batch {loop.batch_size} = {per_step} per rank x {world} "
+            f"rank(s) x {cfg.optim.grad_accum} accumulation step(s); {loop.steps} steps{budget}"]
+
+
+def step_line(row: dict, steps: int) -> str:
+    """A log.txt row as one train.log line (the per-scale values stay in log.txt and TensorBoard)."""
+    shown = [f"step {row['step']}/{steps}"] + [
+        f"{k} {v:.4g}" for k, v in row.items()
+        if k not in ("step", "epoch", "images_per_s", "tokens_per_s", "peak_rss_gb") and "scale" not in k
+        and not k.startswith("val_")]
+    return " ".join(shown) + f" ({row['images_per_s']:.1f} img/s)"
 
 
 def _autocast(device: torch.device, precision: str):
@@ -226,13 +248,19 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
                 yield batch
             epoch, batches_in_epoch = epoch + 1, 0
 
-    val_loader = None
+    val_loader, val_count = None, 0
     if val_dataset is not None and loop.eval_every:
         # The first eval_samples samples in order, split over the ranks (padded by wrapping, as the training sampler,
         # so that every rank has the same number).
         val_count = min(loop.eval_samples, len(val_dataset))
         val_loader = DataLoader(val_dataset, batch_size=per_step, num_workers=cfg.data.workers,
                                 sampler=DistributedResumableSampler(val_count, rank, world, shuffle=False))
+    for line in run_header(cfg, model, len(dataset), val_count, world, per_step, device):
+        log.info("%s", line)
+    if optim_cfg.warmup_steps >= loop.steps and loop.time_budget_s <= 0:
+        log.warning("optim.warmup_steps=%d >= loop.steps=%d: the learning rate never reaches optim.lr=%g",
+                    optim_cfg.warmup_steps, loop.steps, optim_cfg.lr)
+    first_step, t_first_step = step, time.time()
 
     def evaluate() -> dict[str, float]:
         """The stage's validation metrics, averaged over samples and ranks: eval mode, no gradients, a fixed RNG (the
@@ -435,6 +463,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
                 if rank == 0:
                     with open(history_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
+                    log.info("%s", step_line(last, loop.steps), extra=FILE_ONLY)
                     for k, v in last.items():
                         if k not in ("step", "epoch"):
                             writer.add_scalar(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}", v, step)
@@ -450,6 +479,11 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
         stage.export(out_dir / "final", ema.state_dict() if ema else None)
         plot_loss_curve(history_path, out_dir / "loss_curve.png")
         writer.close()
+        seconds, done = time.time() - t_first_step, step - first_step
+        skipped = f"; {skipped_records} unreadable records skipped" if skipped_records else ""
+        log.info("finished at step %d: %d steps in %.0f s%s; exported %s (%s weights)%s", step, done, seconds,
+                 f" ({seconds / done:.3f} s/step)" if done else "", out_dir / "final", "EMA" if ema else "raw",
+                 skipped)
     dist.barrier()
     return last
 

@@ -8,6 +8,11 @@ from pathlib import Path
 from utils import dist
 
 _FORMAT = "[%(asctime)s %(levelname)s] %(message)s"
+FILE_ONLY = {"file_only": True}  # ``log.info(..., extra=FILE_ONLY)``: the log file only (the console has tqdm's bar)
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
 
 
 def get_logger(name: str = "star", log_file: str | Path | None = None) -> logging.Logger:
@@ -21,6 +26,7 @@ def get_logger(name: str = "star", log_file: str | Path | None = None) -> loggin
     if not any(getattr(h, "_star_console", False) for h in logger.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+        console.addFilter(_not_file_only)
         console._star_console = True  # type: ignore[attr-defined]
         logger.addHandler(console)
     if log_file is not None and main:
