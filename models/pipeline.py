@@ -192,6 +192,8 @@ class StarPipeline:
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
+        if isinstance(seed, (np.ndarray, torch.Tensor)):  # an array of seeds, one per prompt (or one seed)
+            seed = seed.tolist()
         if not isinstance(seed, (list, tuple)):
             generator = torch.Generator(self.device).manual_seed(int(seed))
         elif len(seed) * num_images == len(prompts):
@@ -223,6 +225,10 @@ class StarPipeline:
         img = image.convert("RGB").resize((size, size), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(self.device)
         m = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask, dtype=np.float32)
+        if m.ndim == 3:  # (H, W, C) array, say an RGB(A) mask: a pixel is masked where any channel is set
+            m = m.max(axis=2)
+        if m.ndim != 2:
+            raise ValueError(f"mask must be an image or an (H, W) / (H, W, C) array, got shape {m.shape}")
         m = torch.from_numpy(m / max(m.max(), 1e-8))[None, None]
         m = F.interpolate(m, size=(size, size), mode="nearest")[:, 0].to(self.device)
         n = kwargs.get("num_images", 1)

@@ -130,6 +130,28 @@ def test_inpainting_keeps_unmasked_tokens_at_every_scale(pipe):
     assert keep[-1].view(4, 4).tolist() == [[True, True, False, False]] * 4
 
 
+def test_edit_takes_a_mask_array_with_channels_and_refuses_other_shapes(pipe):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:32] = 255
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[:32, :, 0] = 255  # masked where any channel is set
+    settings = dict(seed=5, top_k=0, top_p=0.0, return_tokens=True)
+    _, expected = pipe.edit("a red circle", image, Image.fromarray(mask), **settings)
+    _, tokens = pipe.edit("a red circle", image, rgba, **settings)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, expected))
+    with pytest.raises(ValueError, match=r"got shape \(1, 64, 64, 3\)"):
+        pipe.edit("a red circle", image, rgba[None, ..., :3])
+
+
+def test_seeds_as_an_array_are_one_per_prompt(pipe):
+    _, expected = pipe(["x", "y"], seed=[3, 4], return_tokens=True)
+    for seeds in (np.array([3, 4]), torch.tensor([3, 4])):
+        _, tokens = pipe(["x", "y"], seed=seeds, return_tokens=True)
+        assert all(torch.equal(a, b) for a, b in zip(tokens, expected))
+
+
 def test_cpu_refuses_half_precision():
     from models.pipeline import resolve_dtype
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
