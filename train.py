@@ -26,7 +26,7 @@ from utils.data.shapes import MIN_RENDER_SIZE
 from utils.logging import get_logger
 
 
-def parse_args(argv: list[str]) -> RunConfig:
+def parse_args(argv: list[str], usage: str = __doc__) -> RunConfig:
     if not argv:  # the defaults alone cannot train anything (no data-set-specific settings, no VQ-VAE)
         raise ConfigError("no config given: pass --config=configs/<run>.json [--section.key=value ...] "
                           "(--help for more)")
@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> RunConfig:
             if config_path is None or config_path.startswith("--"):
                 raise ConfigError("--config needs a path: --config=configs/<run>.json")
         elif arg in ("-h", "--help"):
-            print(__doc__)
+            print(usage)
             sys.exit(0)
         elif arg == "--print-config":
             print_config = True
@@ -72,9 +72,10 @@ def build_dataset(cfg: RunConfig, resolution: int, validation: bool = False):
                                 d.max_aspect, seed=cfg.loop.seed)
 
 
-def main(argv: list[str], required_stage: str | None = None) -> int:
+def main(argv: list[str], required_stage: str | None = None, usage: str = __doc__) -> int:
+    """``usage``: the text ``--help`` prints (the calling entry script's docstring)."""
     device = dist.init_distributed(argv)  # consumes the legacy --local-rank argument
-    cfg = parse_args(argv[1:])
+    cfg = parse_args(argv[1:], usage)
     if required_stage is not None and cfg.stage != required_stage:
         raise ConfigError(f"this entry point trains stage '{required_stage}' but the config says stage "
                           f"'{cfg.stage}' (use train.py, or set \"stage\": \"{required_stage}\")")

@@ -17,4 +17,4 @@ import train
 from utils import cli
 
 if __name__ == "__main__":
-    sys.exit(cli.run(train.main, sys.argv, "sampler"))
+    sys.exit(cli.run(train.main, sys.argv, "sampler", __doc__))

@@ -2,6 +2,7 @@
 import json
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,7 +179,9 @@ def test_every_entry_script_answers_help(script, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO / script), run_name="__main__")
     assert exit_info.value.code in (0, None)
-    assert len(capsys.readouterr().out.splitlines()) >= 3
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 3
+    assert any(Path(script).name in line for line in lines[:5]), "the help shows another script's usage"
 
 
 def test_bad_prompt_files_are_input_errors(tmp_path, capsys):
