@@ -32,6 +32,18 @@ from utils.data.pack import (
     shapes_items,
 )
 
+SHOWN_SKIPPED = 20
+
+
+def report_skipped(skipped_items: list) -> None:
+    """Name the skipped inputs on stderr (the first SHOWN_SKIPPED; each shard's .done.json lists all its own)."""
+    shown = SHOWN_SKIPPED
+    for key, reason in skipped_items[:shown]:
+        print(f"skipped {key}: {reason}", file=sys.stderr)
+    if len(skipped_items) > shown:
+        print(f"... and {len(skipped_items) - shown} more skipped: each shard-NNNNN.done.json lists its own "
+              "under 'skipped_items'", file=sys.stderr)
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,9 +85,11 @@ def main() -> int:
     start = time.time()
     with tqdm(total=total, unit="img", desc="packing", file=sys.stderr) as bar:
         summary = pack(items, args.out, opts, progress=bar.update)
+    report_skipped(summary.pop("skipped_items"))
     summary["seconds"] = round(time.time() - start, 2)
     inputs = summary["packed"] + sum(summary["skipped"].values())
-    summary["images_per_s"] = round(inputs / max(summary["seconds"], 1e-9), 1)
+    written = summary.pop("inputs_written")  # the speed of this run: reused shards cost no time
+    summary["images_per_s"] = round(written / summary["seconds"], 1) if written and summary["seconds"] else None
     print(json.dumps(summary))
     if source is not None and inputs == 0 and summary["shards_reused"] == 0:  # a wrong path or layout
         expected = (f"images ({', '.join(IMAGE_EXTS)}) with .txt/.json captions" if args.folder else

@@ -38,6 +38,7 @@ from models.text_encoder import TextEncoder, build_text_encoder, text_encoder_fr
 from models.vqvae import VQVAE
 from utils import cli
 from utils.config import ConfigError
+from utils.data.images import to_rgb
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -222,7 +223,7 @@ class StarPipeline:
         """In-/out-painting: regenerate where ``mask`` is set (white / nonzero), keep the rest of ``image``'s
         tokens at every scale. Other keyword arguments as in ``__call__``."""
         size = self.vqvae.cfg.image_size
-        img = image.convert("RGB").resize((size, size), Image.BICUBIC)
+        img = to_rgb(image).resize((size, size), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(self.device)
         m = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask, dtype=np.float32)
         if m.ndim == 3:  # (H, W, C) array, say an RGB(A) mask: a pixel is masked where any channel is set

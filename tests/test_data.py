@@ -48,9 +48,28 @@ def test_pack_folder_counts_and_dataset(photo_folder, tmp_path):
     assert -1 <= item["image"].min() and item["image"].max() <= 1
     captions = {ds[i]["caption"] for i in range(len(ds))}
     assert {"photo number 0", "photo number 4"} <= captions
-    # re-running reuses finished shards
+    assert sorted(summary["skipped_items"]) == [["corrupt.png", "unreadable image"],
+                                                ["nocaption.png", "missing caption"], ["tiny.png", "too small"]]
+    # re-running reuses finished shards, and still names what they skipped
     again = pack(folder_items(photo_folder), tmp_path / "out", PackOptions(shard_size=3, min_side=32))
     assert again["shards_written"] == 0 and again["shards_reused"] == 3 and again["packed"] == 6
+    assert sorted(again["skipped_items"]) == sorted(summary["skipped_items"]) and again["inputs_written"] == 0
+
+
+def test_test_pack_names_the_skipped_inputs(photo_folder, tmp_path, monkeypatch, capsys):
+    import test_pack
+    from utils import cli
+    monkeypatch.setattr(test_pack, "SHOWN_SKIPPED", 2)
+    argv = ["test_pack.py", "--folder", str(photo_folder), "--min-side", "32", "--out", str(tmp_path / "out")]
+    for run in range(2):  # the second run reuses the shard: no speed to report
+        monkeypatch.setattr(sys, "argv", argv)
+        assert cli.run(test_pack.main) == 0
+        out, err = capsys.readouterr()
+        assert "skipped corrupt.png: unreadable image" in err and "skipped nocaption.png: missing caption" in err
+        assert "... and 1 more skipped" in err and "tiny.png" not in err
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert "skipped_items" not in summary
+        assert (summary["images_per_s"] is None) == (run == 1)
 
 
 def test_two_data_sets_over_the_same_shards_both_read_them(photo_folder, tmp_path):

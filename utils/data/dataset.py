@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from utils.config import ConfigError
+from utils.data.images import to_rgb
 from utils.data.records import Shard, find_shards
 
 log = logging.getLogger("star")
@@ -34,7 +35,7 @@ class ImageTransform:
     hflip: bool = False
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         w, h = img.size
         side = min(w, h)
         if self.random_crop > 0:

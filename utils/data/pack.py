@@ -23,6 +23,7 @@ import lmdb
 from PIL import Image
 
 from utils.cli import InputError
+from utils.data.images import to_rgb
 from utils.data.records import FORMAT, META_KEY, encode_record, record_key
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -51,6 +52,16 @@ class PackOptions:
 class ShardStats:
     packed: int = 0
     skipped: Counter = field(default_factory=Counter)
+    skipped_items: list = field(default_factory=list)  # [[key, reason], ...]: which inputs, not only how many
+
+    def skip(self, key: str, reason: str) -> None:
+        self.skipped[reason] += 1
+        self.skipped_items.append([key, reason])
+
+    def add(self, packed: int, skipped: dict, skipped_items: list) -> None:
+        self.packed += packed
+        self.skipped.update(skipped)
+        self.skipped_items.extend(skipped_items)
 
 
 # --- sources ----------------------------------------------------------------------------------------------------
@@ -129,8 +140,7 @@ def _load_image(item: Item, opts: PackOptions) -> tuple[bytes, int, int, str]:
         img = Image.open(io.BytesIO(original))
         img.load()
         fmt = (img.format or "png").lower()
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb(img)  # upright, 8-bit, alpha on white: also what the reader does with kept originals
     w, h = img.size
     if opts.min_side and min(w, h) < opts.min_side:
         raise _TooSmall(f"{w}x{h}")
@@ -164,18 +174,18 @@ def write_shard(out_dir: Path, shard_id: int, items: list[Item], opts: PackOptio
         for item in items:
             captions = {k: v for k, v in item.captions.items() if v}
             if not captions:
-                stats.skipped["missing caption"] += 1
+                stats.skip(item.key, "missing caption")
                 continue
             try:
                 data, w, h, fmt = _load_image(item, opts)
             except _TooSmall:
-                stats.skipped["too small"] += 1
+                stats.skip(item.key, "too small")
                 continue
             except FileNotFoundError:
-                stats.skipped["missing image"] += 1
+                stats.skip(item.key, "missing image")
                 continue
             except Exception:  # PIL raises many types for corrupt files
-                stats.skipped["unreadable image"] += 1
+                stats.skip(item.key, "unreadable image")
                 continue
             header = {"key": item.key, "captions": captions, "width": w, "height": h, "format": fmt}
             txn.put(record_key(stats.packed), encode_record(header, data))
@@ -190,7 +200,8 @@ def write_shard(out_dir: Path, shard_id: int, items: list[Item], opts: PackOptio
     finally:
         env.close()
     (out_dir / f"{name}.index.json").write_text(json.dumps(sizes))
-    done = {"packed": stats.packed, "skipped": dict(stats.skipped), "inputs": len(items),
+    done = {"packed": stats.packed, "skipped": dict(stats.skipped), "skipped_items": stats.skipped_items,
+            "inputs": len(items),
             "fingerprint": shard_fingerprint(items, opts)}
     tmp = out_dir / f".{name}.done.json.tmp"
     tmp.write_text(json.dumps(done))
@@ -231,10 +242,11 @@ def _shard_job(args):
 
 
 def pack(items: Iterator[Item], out_dir: str | Path, opts: PackOptions, progress=None) -> dict:
-    """Pack all items; returns a summary {packed, skipped: {reason: n}, shards, reused_shards}."""
+    """Pack all items; returns a summary {packed, skipped: {reason: n}, skipped_items: [[key, reason]],
+    shards_written, shards_reused, inputs_written (the inputs of the shards written now)}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    total, reused = ShardStats(), 0
+    total, reused, inputs_written = ShardStats(), 0, 0
 
     def jobs():
         nonlocal reused
@@ -244,8 +256,7 @@ def pack(items: Iterator[Item], out_dir: str | Path, opts: PackOptions, progress
             if done.is_file():  # resumable: finished shards are kept
                 info = json.loads(done.read_text())
                 _check_reusable(done, info, chunk, opts)
-                total.packed += info["packed"]
-                total.skipped.update(info["skipped"])
+                total.add(info["packed"], info["skipped"], info.get("skipped_items", []))
                 reused += 1
                 if progress:
                     progress(len(chunk))
@@ -254,8 +265,9 @@ def pack(items: Iterator[Item], out_dir: str | Path, opts: PackOptions, progress
             shard_id += 1
 
     def account(stats: ShardStats, n_inputs: int):
-        total.packed += stats.packed
-        total.skipped.update(stats.skipped)
+        nonlocal inputs_written
+        inputs_written += n_inputs
+        total.add(stats.packed, stats.skipped, stats.skipped_items)
         if progress:
             progress(n_inputs)
 
@@ -277,5 +289,5 @@ def pack(items: Iterator[Item], out_dir: str | Path, opts: PackOptions, progress
             for shard_id, stats in pool.imap_unordered(_shard_job, tracked()):
                 account(stats, sizes.pop(shard_id))
                 shards += 1
-    return {"packed": total.packed, "skipped": dict(total.skipped), "shards_written": shards,
-            "shards_reused": reused}
+    return {"packed": total.packed, "skipped": dict(total.skipped), "skipped_items": total.skipped_items,
+            "shards_written": shards, "shards_reused": reused, "inputs_written": inputs_written}
