@@ -97,11 +97,14 @@ def precision_warning(device: torch.device, precision: str) -> str | None:
 
 
 def run_header(cfg: RunConfig, model: nn.Module, train_records: int, val_records: int, world: int,
-               per_step: int, device: torch.device) -> list[str]:
+               per_step: int, device: torch.device, budget_state: str) -> list[str]:
     """What train.log says a run is, before its first step: model size, data, batch, steps, precision, place."""
     loop, total = cfg.loop, sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    budget = f" (at most: time budget {loop.time_budget_s:g} s)" if loop.time_budget_s > 0 else ""
+    budget = ""
+    if loop.time_budget_s > 0:  # a resumed run keeps the count its budget chose before the interruption
+        budget = (" (kept from the checkpoint, as its budget planned)" if budget_state == "final"
+                  else f" (at most: time budget {loop.time_budget_s:g} s)")
     validation = f", {val_records} validation records every {loop.eval_every} steps" if val_records else ""
     return [f"{cfg.stage} stage: {total / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained), {loop.precision} on "
             f"{device}, {world} rank(s); writing to {Path(loop.out_dir).resolve()}",
@@ -255,7 +258,7 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
         val_count = min(loop.eval_samples, len(val_dataset))
         val_loader = DataLoader(val_dataset, batch_size=per_step, num_workers=cfg.data.workers,
                                 sampler=DistributedResumableSampler(val_count, rank, world, shuffle=False))
-    for line in run_header(cfg, model, len(dataset), val_count, world, per_step, device):
+    for line in run_header(cfg, model, len(dataset), val_count, world, per_step, device, budget_state):
         log.info("%s", line)
     if optim_cfg.warmup_steps >= loop.steps and loop.time_budget_s <= 0:
         log.warning("optim.warmup_steps=%d >= loop.steps=%d: the learning rate never reaches optim.lr=%g",
