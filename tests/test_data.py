@@ -124,6 +124,37 @@ def test_official_json_layout_packs(tmp_path):
     assert summary["packed"] == 3
 
 
+BAD_JSON = {"a list": b"[1, 2]", "not UTF-8": b"\xff\xfe\x00 garbage", "truncated": b'{"caption": '}
+
+
+def test_malformed_caption_files_and_manifest_rows_are_skipped_and_named(tmp_path):
+    """A sidecar or official .json that is a list, not UTF-8 or truncated used to end the whole pack in an
+    AttributeError / UnicodeDecodeError (or count as a 'missing caption'); a bad JSONL line ended it too."""
+    folder, official = tmp_path / "folder", tmp_path / "official"
+    for d in (folder, official / "images", official / "jsons"):
+        d.mkdir(parents=True)
+    for i, content in enumerate(BAD_JSON.values()):
+        _image(folder / f"bad{i}.png")
+        (folder / f"bad{i}.json").write_bytes(content)
+        (official / "jsons" / f"bad{i}.json").write_bytes(content)
+        _image(official / "images" / f"bad{i}.png")
+    _image(folder / "good.png")
+    (folder / "good.json").write_text(json.dumps({"caption": " a red box "}))
+    _image(official / "images" / "good.png")
+    (official / "jsons" / "good.json").write_text(json.dumps({"basename": ["not", "a", "name"], "prompt": "ok"}))
+    unreadable = sorted([f"bad{i}{ext}", "unreadable caption file"] for i in range(3) for ext in (".png", ""))
+    s1 = pack(folder_items(folder), tmp_path / "o1", PackOptions())
+    s2 = pack(official_items(official), tmp_path / "o2", PackOptions())
+    assert s1["packed"] == 1 and s2["packed"] == 1
+    assert sorted(s1["skipped_items"] + s2["skipped_items"]) == unreadable
+    assert LMDBImageTextDataset([tmp_path / "o1"], ImageTransform(16))[0]["caption"] == "a red box"
+    _image(tmp_path / "m0.png")
+    (tmp_path / "m.jsonl").write_bytes(b'[1]\n{"image": "m0.png", "caption": "fine"}\n{"image": \n\xff\n')
+    s3 = pack(manifest_items(tmp_path / "m.jsonl"), tmp_path / "o3", PackOptions())
+    assert s3["packed"] == 1 and s3["skipped"] == {"unreadable manifest row": 3}
+    assert sorted(k for k, _ in s3["skipped_items"]) == ["m-0", "m-2", "m-3"]
+
+
 def test_reader_for_official_packs(tmp_path):
     """A pack built the official way: pickled keys/values, __keys__, <name>-info.json, <name>-lock."""
     name = tmp_path / "MJData-abc123"

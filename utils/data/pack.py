@@ -36,6 +36,7 @@ class Item:
     captions: dict[str, str]
     path: str | None = None          # an image file
     shapes: tuple | None = None      # (index, split, seed, size, texture) for the built-in data set
+    problem: str | None = None       # why the source could not read it (a corrupt caption file): skipped as that
 
 
 @dataclass
@@ -65,33 +66,52 @@ class ShardStats:
 
 
 # --- sources ----------------------------------------------------------------------------------------------------
-def _sidecar_captions(image: Path, caption_keys: tuple[str, ...]) -> dict[str, str]:
-    txt, js = image.with_suffix(".txt"), image.with_suffix(".json")
+UNREADABLE_CAPTIONS = "unreadable caption file"
+
+
+def _json_object(text: bytes | str) -> dict | None:
+    """A JSON object, or None for anything else (invalid JSON or encoding, a list, a number)."""
+    try:
+        data = json.loads(text)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _string_fields(data: dict, keys: tuple[str, ...]) -> dict[str, str]:
+    return {k: data[k].strip() for k in keys if isinstance(data.get(k), str)}
+
+
+def _sidecar_item(root: Path, image: Path, caption_keys: tuple[str, ...]) -> Item:
+    key, txt, js = str(image.relative_to(root)), image.with_suffix(".txt"), image.with_suffix(".json")
     if txt.is_file():
-        return {"caption": txt.read_text(errors="replace").strip()}
+        return Item(key, {"caption": txt.read_text(errors="replace").strip()}, path=str(image))
     if js.is_file():
-        try:
-            data = json.loads(js.read_text())
-        except json.JSONDecodeError:
-            return {}
-        return {k: str(data[k]).strip() for k in caption_keys if isinstance(data.get(k), str)}
-    return {}
+        data = _json_object(js.read_bytes())
+        if data is None:
+            return Item(key, {}, path=str(image), problem=UNREADABLE_CAPTIONS)
+        return Item(key, _string_fields(data, caption_keys), path=str(image))
+    return Item(key, {}, path=str(image))
 
 
 def folder_items(root: str | Path, caption_keys: tuple[str, ...] = ("caption", "prompt")) -> Iterator[Item]:
     """Images in a folder tree with captions in sidecar ``.txt`` or ``.json`` files (same stem)."""
     root = Path(root)
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
-        yield Item(str(path.relative_to(root)), _sidecar_captions(path, caption_keys), path=str(path))
+        yield _sidecar_item(root, path, caption_keys)
 
 
 def manifest_items(manifest: str | Path, caption_keys: tuple[str, ...] = ("caption",)) -> Iterator[Item]:
     """JSONL or CSV rows with an ``image`` column (relative to the manifest) and caption columns."""
     manifest = Path(manifest)
     base = manifest.parent
-    with open(manifest, newline="") as f:
-        rows = (json.loads(line) for line in f if line.strip()) if manifest.suffix == ".jsonl" else csv.DictReader(f)
+    with open(manifest, newline="", errors="replace") as f:
+        rows = (_json_object(line) for line in f if line.strip()) if manifest.suffix == ".jsonl" \
+            else csv.DictReader(f)
         for i, row in enumerate(rows):
+            if row is None:  # a malformed JSONL line: one input lost, not the run
+                yield Item(f"{manifest.stem}-{i}", {}, problem="unreadable manifest row")
+                continue
             image = str(row.get("image", ""))
             captions = {k: str(row[k]).strip() for k in caption_keys if row.get(k)}
             path = Path(image) if Path(image).is_absolute() else base / image
@@ -104,16 +124,15 @@ def official_items(data_dir: str | Path, image_dir: str = "images", json_dir: st
     ``<data_dir>/<image_dir>/`` named by ``basename`` (or the JSON's stem with any image extension)."""
     data_dir = Path(data_dir)
     for js in sorted((data_dir / json_dir).glob("*.json")):
-        try:
-            info = json.loads(js.read_text())
-        except json.JSONDecodeError:
-            yield Item(js.stem, {}, path=None)
+        info = _json_object(js.read_bytes())
+        if info is None:
+            yield Item(js.stem, {}, problem=UNREADABLE_CAPTIONS)
             continue
-        candidates = [data_dir / image_dir / info["basename"]] if info.get("basename") else []
+        basename = info.get("basename")
+        candidates = [data_dir / image_dir / basename] if isinstance(basename, str) and basename else []
         candidates += [data_dir / image_dir / (js.stem + ext) for ext in IMAGE_EXTS]
         path = next((c for c in candidates if c.is_file()), None)
-        captions = {k: str(info[k]).strip() for k in caption_keys if isinstance(info.get(k), str)}
-        yield Item(str(info.get("id", js.stem)), captions, path=str(path) if path else None)
+        yield Item(str(info.get("id", js.stem)), _string_fields(info, caption_keys), path=str(path) if path else None)
 
 
 def shapes_items(count: int, split: str = "train", seed: int = 0, size: int = 64, texture: float = 0.0):
@@ -172,6 +191,9 @@ def write_shard(out_dir: Path, shard_id: int, items: list[Item], opts: PackOptio
     try:
         txn = env.begin(write=True)
         for item in items:
+            if item.problem:
+                stats.skip(item.key, item.problem)
+                continue
             captions = {k: v for k, v in item.captions.items() if v}
             if not captions:
                 stats.skip(item.key, "missing caption")
