@@ -16,7 +16,8 @@ OUT/{i:05d}/metadata.jsonl (the item's line of GenEval's evaluation_metadata.jso
 OUT/{i:05d}/samples/{k:04d}.png and OUT/{i:05d}/item.json (ours: seed and settings). Item i is generated with
 seed (item seed or --seed + i) and a random generator of its own: the same command gives the same images however
 the items are sharded over ranks or batched (``--batch-size``; up to floating-point rounding, which can differ
-between batch sizes and flip a rare token). Items whose files exist are skipped, so an interrupted run resumes.
+between batch sizes and flip a rare token). Items whose files exist are skipped, so an interrupted run resumes;
+an item there made with another prompt, seed, setting or model is an error (``--overwrite`` makes it again).
 """
 from __future__ import annotations
 
@@ -140,24 +141,22 @@ def main(argv=None) -> int:
                     use_sampler=not args.no_sampler and pipe.sampler is not None,
                     sampler_schedule=args.sampler_schedule, num_images=args.num_images)
     # Rank r takes items r, r+world, ...: no duplicates, no gaps. Items whose metadata exists are done.
-    todo = [i for i in range(rank, len(items), world)
-            if args.overwrite or not (out / item_files(args.layout, i, args.num_images)[0]).is_file()]
+    todo = [i for i in range(rank, len(items), world) if args.overwrite or not item_done(out, i, args, items, settings)]
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
-        seeds = [int(items[i].get("seed", args.seed + i)) for i in batch]
+        seeds = [item_seed(args, items, i) for i in batch]
         if edit is not None:  # one --prompt, so one item
             images = pipe.edit(items[batch[0]]["prompt"], *edit, seed=seeds[0], **settings)
         else:  # one generator per item: an item's images are the same whatever else is in the batch
             images = pipe([items[i]["prompt"] for i in batch], seed=seeds, progress=rank == 0, **settings)
-        for j, (i, seed) in enumerate(zip(batch, seeds)):
+        for j, i in enumerate(batch):
             meta_file, files = item_files(args.layout, i, args.num_images)
             for name, image in zip(files, images[j * args.num_images:(j + 1) * args.num_images]):
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 image.save(out / name)
             if args.layout == "geneval":  # what evaluate_images.py reads: the item's own metadata, one object
                 (out / meta_file).with_name("metadata.jsonl").write_text(json.dumps(items[i]))
-            meta = {**items[i], "index": i, "seed": seed, **settings, "files": files, "ckpt": args.ckpt,
-                    "edit_image": args.edit_image, "edit_mask": args.edit_mask, "batch_size": args.batch_size}
+            meta = {**item_record(args, items, i, settings), "files": files, "batch_size": args.batch_size}
             meta_path = out / meta_file
             tmp = meta_path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(meta, indent=2))
@@ -170,6 +169,44 @@ def main(argv=None) -> int:
     sys.stdout.flush()
     dist.destroy()
     return 0
+
+
+def item_seed(args, items: list[dict], i: int) -> int:
+    return int(items[i].get("seed", args.seed + i))
+
+
+def item_record(args, items: list[dict], i: int, settings: dict) -> dict:
+    """What makes item i's images (its line, seed, sampling settings, model, edit inputs): kept in its JSON."""
+    return {**items[i], "index": i, "seed": item_seed(args, items, i), **settings, "ckpt": args.ckpt,
+            "preset": args.preset, "vae": args.vae, "text_encoder": args.text_encoder,
+            "edit_image": args.edit_image, "edit_mask": args.edit_mask}
+
+
+PATH_KEYS = ("ckpt", "vae", "edit_image", "edit_mask")
+
+
+def item_done(out: Path, i: int, args, items: list[dict], settings: dict) -> bool:
+    """Whether item i is on disk from a run with this one's prompt, seed and settings. One made otherwise (other
+    --cfg, an edited prompt file, another --ckpt) is an error, not a silent reuse; an unreadable JSON (a crash
+    can leave none half-written, but a user can) is made again."""
+    meta_path = out / item_files(args.layout, i, args.num_images)[0]
+    if not meta_path.is_file():
+        return False
+    try:
+        saved = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    expected = json.loads(json.dumps(item_record(args, items, i, settings)))  # lists for tuples, as on disk
+
+    def same(key, value):
+        if key in PATH_KEYS and value is not None and saved.get(key) is not None:
+            return Path(saved[key]).resolve() == Path(value).resolve()
+        return saved.get(key, None) == value
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in expected.items() if not same(k, v)]
+    if changed:
+        raise cli.InputError(f"{meta_path} was generated otherwise ({'; '.join(changed)}): write to another --out, "
+                             "or pass --overwrite to make its items again")
+    return True
 
 
 def write_grid(out: Path, files: list[str]) -> None:

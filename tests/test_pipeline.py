@@ -187,6 +187,15 @@ def test_sample_py_prompt_file_metadata_and_resume(pipe, tmp_path):
     assert np.abs(ours - np.asarray(Image.open(tmp_path / "o" / "000001_0.png"))).max() <= 2
     again = run_sample(args)
     assert json.loads(again.stdout.strip().splitlines()[-1])["generated"] == 0  # resumed: nothing left to do
+    # Items made otherwise are not passed off as this run's (they were: 'generated 0' and the old cfg's images)
+    before = (tmp_path / "o" / "000000_0.png").read_bytes()
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square at the top\na green triangle\n")  # same
+    other = run_sample(args + ["--cfg", "2"])
+    assert other.returncode == 2 and "000000.json was generated otherwise (cfg 4.0 -> 2.0)" in other.stderr
+    assert (tmp_path / "o" / "000000_0.png").read_bytes() == before
+    remade = run_sample(args + ["--cfg", "2", "--overwrite"])
+    assert json.loads(remade.stdout.strip().splitlines()[-1])["generated"] == 3
+    assert json.loads((tmp_path / "o" / "000002.json").read_text())["cfg"] == 2.0
 
 
 def test_sample_py_geneval_layout(pipe, tmp_path):
