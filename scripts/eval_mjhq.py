@@ -7,9 +7,11 @@
 
 Layout (user-supplied, nothing is downloaded): meta_data.json = {name: {"category": .., "prompt": ..}} and
 images/<category>/<name>.jpg. Generated images go to OUT/generated/<category>/<name>.png; existing files are
-kept, so an interrupted run resumes. Defaults are the paper's protocol: cfg 4 on the linear ramp, top-k 4096,
-top-p 0.8, sampler on with the official '1024' schedule. References are resized (short side) and centre-cropped to the
-generation size (the official script crops at random). Writes OUT/metrics.json and OUT/radar.png.
+kept, so an interrupted run resumes. OUT/generated/generation.json records the model and sampling settings that
+made them: a run with other ones into the same --out is refused (it would score the old images under the new
+settings), and metrics.json reports the recorded ones. Defaults are the paper's protocol: cfg 4 on the linear
+ramp, top-k 4096, top-p 0.8, sampler on with the official '1024' schedule. References are resized (short side) and
+centre-cropped to the generation size (the official script crops at random). Writes OUT/metrics.json and OUT/radar.png.
 """
 from __future__ import annotations
 
@@ -67,6 +69,40 @@ def generate(pipe: StarPipeline, items: list[dict], gen_dir: Path, args) -> int:
             image.save(tmp)
             tmp.replace(path)
     return len(todo)
+
+
+GENERATION_RECORD = "generation.json"
+# What decides the generated images (the batch size does not: one generator per image).
+GENERATION_KEYS = ("ckpt", "preset", "vae", "text_encoder", "cfg", "top_k", "top_p", "guidance", "no_sampler",
+                   "sampler_schedule", "seed")
+
+
+def generation_record(args) -> dict:
+    return {k: getattr(args, k) for k in GENERATION_KEYS}
+
+
+def check_generation_record(gen_dir: Path, args) -> None:
+    """Refuse to add to (or score) images made with other settings; record this run's settings (rank 0) when
+    OUT/generated has none yet. Paths compare resolved, so a relative --ckpt and its absolute form agree."""
+    path = gen_dir / GENERATION_RECORD
+    ours = generation_record(args)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+
+        def same(key):
+            a, b = saved.get(key), ours[key]
+            if key in ("ckpt", "vae") and a is not None and b is not None:
+                return Path(a).resolve() == Path(b).resolve()
+            return a == b
+        changed = [f"{k} {saved.get(k)!r} -> {ours[k]!r}" for k in GENERATION_KEYS if not same(k)]
+        if changed:
+            raise cli.InputError(f"{gen_dir} holds images generated otherwise ({'; '.join(changed)}): use another "
+                                 "--out, or delete that folder to generate them again")
+    elif dist.get_rank() == 0:
+        gen_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(ours, indent=2))
+        tmp.replace(path)
 
 
 def load_reference(path: Path, size: int) -> Image.Image:
@@ -183,6 +219,7 @@ def main(argv=None, pipe: StarPipeline | None = None, extractors: tuple | None =
     if pipe is not None:  # sampling settings checked before the first batch
         pipe.generation_settings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, guidance_schedule=args.guidance)
     if not args.skip_generation:
+        check_generation_record(gen_dir, args)
         generated = generate(pipe, items, gen_dir, args)
         print(json.dumps({"rank": dist.get_rank(), "generated": generated}), flush=True)
     dist.barrier()
@@ -190,9 +227,12 @@ def main(argv=None, pipe: StarPipeline | None = None, extractors: tuple | None =
         if extractors is None:
             extractors = (InceptionFeatures(args.inception_weights, args.device),
                           ClipEmbedder(args.clip_model, args.clip_weights, device=args.device))
-        size = Image.open(next(gen_dir.rglob("*.png"))).size[0]
+        first = gen_dir / items[0]["category"] / f"{items[0]['name']}.png"
+        size = Image.open(first).size[0]
         metrics = evaluate(items, args.images, gen_dir, size, *extractors)
         metrics["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        record = gen_dir / GENERATION_RECORD  # what made the images (with --skip-generation: an earlier run)
+        metrics["generation"] = json.loads(record.read_text()) if record.is_file() else None
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         radar_plot(metrics, args.out / "radar.png")

@@ -114,7 +114,7 @@ def fake_mjhq_layout(root, count: int) -> list[str]:
             "--top-k", "0", "--top-p", "0", "--batch-size", "4"]
 
 
-def test_eval_mjhq_end_to_end_on_a_fake_layout(tmp_path, tiny_clip):
+def test_eval_mjhq_end_to_end_on_a_fake_layout(tmp_path, tiny_clip, capsys):
     eval_mjhq = load_script("eval_mjhq")
     from models.pipeline import StarPipeline
     args = fake_mjhq_layout(tmp_path, 10)
@@ -128,6 +128,19 @@ def test_eval_mjhq_end_to_end_on_a_fake_layout(tmp_path, tiny_clip):
     assert len(list((tmp_path / "out" / "generated").rglob("*.png"))) == 10
     assert (tmp_path / "out" / "radar.png").stat().st_size > 10_000
     assert metrics["cmmd"]["overall"] > 0 and metrics["fid"]["overall"] > 0
+    assert metrics["generation"]["cfg"] == 4.0 and metrics["generation"]["guidance"] == "linear"
+    # Other settings into the same --out: refused (the old images were scored as if made with them)
+    from utils import cli
+    before = {p: p.read_bytes() for p in (tmp_path / "out" / "generated").rglob("*.png")}
+    assert cli.run(lambda: eval_mjhq.main(args + ["--cfg", "2"], pipe=pipe,
+                                          extractors=(StandInInception(), tiny_clip))) == 2
+    assert "holds images generated otherwise (cfg 4.0 -> 2.0)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+    # The same settings resume (nothing left to generate); scoring alone reports the recorded settings
+    assert eval_mjhq.main(args, pipe=pipe, extractors=(StandInInception(), tiny_clip)) == 0
+    assert '"generated": 0' in capsys.readouterr().out
+    assert eval_mjhq.main(args + ["--skip-generation", "--cfg", "2"], extractors=(StandInInception(), tiny_clip)) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["generation"]["cfg"] == 4.0
 
 
 def test_eval_mjhq_checks_what_scoring_reads_before_generating(tmp_path, capsys):
