@@ -22,6 +22,12 @@ def test_resume_names_changed_settings_and_refuses_another_architecture(tmp_path
     assert slower.returncode == 0, slower.stderr[-3000:]
     assert "resuming with settings changed since the checkpoint: loop.steps: 3 -> 6; optim.lr: 0.003 -> 0.001" \
         in slower.stderr
+    # A STAR command pointed at a VQ-VAE run's folder: the stage is named, not thirty changed settings
+    vq_run = run_train(vqvae_overrides(**{"loop.steps": 1, "loop.ckpt_every": 1, "loop.out_dir": tmp_path / "vq"}))
+    assert vq_run.returncode == 0, vq_run.stderr[-3000:]
+    mixed = run_train(star_overrides(tmp_path / "vq", vqvae_dir, 3))
+    assert mixed.returncode == 2 and "Traceback" not in mixed.stderr, mixed.stderr[-3000:]
+    assert "ckpt-00000001.pt is a checkpoint of a 'vqvae' run, not 'star'" in mixed.stderr
 
 
 def test_resume_on_a_data_set_of_another_size_says_so(tmp_path):

@@ -167,6 +167,9 @@ def train(cfg: RunConfig, stage: Stage, dataset: Dataset, device: torch.device,
         path, ckpt = resumed
         saved_config = json.loads(ckpt["config"]) if ckpt.get("config") else None
         changes = config_changes(saved_config, to_dict(cfg)) if saved_config else []
+        if saved_config and saved_config.get("stage") not in (None, cfg.stage):  # say that first, not 30 settings
+            raise ConfigError(f"{path} is a checkpoint of a {saved_config['stage']!r} run, not {cfg.stage!r}: each run "
+                              "needs its own --loop.out_dir")
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:  # another architecture: say which settings changed, not which tensors are missing
