@@ -106,7 +106,10 @@ class StarPipeline:
             sampler = load_pretrained_sampler(path, star.cfg)
             saved = read_config(path)
             text_config, generation = saved.get("text", {}), saved.get("generation")
-            if vae is None and (path / "vqvae.safetensors").is_file():
+            if vae is None:
+                if not (path / "vqvae.safetensors").is_file():
+                    raise CheckpointError(f"{path} holds no vqvae.safetensors: pass the VQ-VAE it was trained with "
+                                          "as vae= (--vae on the command line): our directory or VAR's .pth")
                 vae = path
         elif path.is_file():
             if preset is None:
@@ -256,7 +259,8 @@ def _load_vae(vae, star: STAR) -> VQVAE:
     if isinstance(vae, VQVAE):
         return vae
     if vae is None:
-        raise CheckpointError("no VQ-VAE: pass vae= (our directory or VAR's vae_ch160v4096z32.pth)")
+        raise CheckpointError("no VQ-VAE: pass vae= (--vae on the command line): our directory or VAR's "
+                              "vae_ch160v4096z32.pth")
     return load_vqvae_for(vae, star.cfg.patch_nums)
 
 

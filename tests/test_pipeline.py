@@ -12,6 +12,7 @@ from PIL import Image
 
 import sample
 from models import build_star, build_vqvae, star_config, vqvae_config
+from models.checkpoint import CheckpointError
 from models.pipeline import StarPipeline, keep_masks
 from models.sampler import SamplerHead
 from models.text_encoder import TextEncoderError, build_text_encoder
@@ -43,6 +44,11 @@ def test_round_trip_gives_identical_images(pipe, tmp_path):
         b = again(["a red circle", "two blue squares"], seed=7, top_k=0, top_p=0.0, use_sampler=use_sampler)
         assert len(a) == 2 and a[0].size == (64, 64)
         assert np.array_equal(pixels(a), pixels(b))
+    # Without its VQ-VAE the directory says which file is missing and how to give one
+    (tmp_path / "p" / "vqvae.safetensors").rename(tmp_path / "vqvae.safetensors")
+    with pytest.raises(CheckpointError, match=r"holds no vqvae.safetensors: pass .* \(--vae on the command line\)"):
+        StarPipeline.from_pretrained(tmp_path / "p")
+    assert StarPipeline.from_pretrained(tmp_path / "p", vae=pipe.vqvae).vqvae is pipe.vqvae
 
 
 def test_generation_defaults_are_saved_and_used(pipe, tmp_path):
