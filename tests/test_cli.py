@@ -238,6 +238,16 @@ def _with_config(directory, copy, vqvae_changes: dict):
     return copy
 
 
+def test_star_training_before_its_vqvae_exists_says_what_to_train(tmp_path, capsys):
+    """The README's second command run before the first: it was 'checkpoint not found: outputs/...'."""
+    argv = ["train.py", f"--config={REPO / 'configs' / 'shapes_star.json'}", f"--loop.out_dir={tmp_path / 'run'}",
+            f"--star_train.vqvae={tmp_path / 'vqvae' / 'final'}"]
+    assert cli.run(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert f"star_train.vqvae={tmp_path / 'vqvae' / 'final'} not found: train the VQ-VAE first" in err
+    assert err.count("\n") == 1
+
+
 def test_a_vqvae_directory_given_as_the_pipeline_says_what_it_is(tmp_path, capsys):
     argv = ["--ckpt", str(make_vqvae_dir(tmp_path / "vqvae")), "--prompt", "a red circle", "--out", str(tmp_path)]
     assert cli.run(sample.main, argv) == 2

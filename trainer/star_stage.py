@@ -136,6 +136,10 @@ class StarStage:
             raise ConfigError(f"star_train.attention=flex needs a CUDA device (PyTorch has no FlexAttention backward "
                               f"on {device.type}): use --star_train.attention=sdpa")
         self.model.set_attention_kernel(cfg.star_train.attention)
+        if not Path(cfg.star_train.vqvae).exists():  # the usual first-run slip: the VQ-VAE is not trained yet
+            raise FileNotFoundError(f"star_train.vqvae={cfg.star_train.vqvae} not found: train the VQ-VAE first "
+                                    "(train.py with a 'vqvae' config; its <loop.out_dir>/final) or pass "
+                                    "--star_train.vqvae=DIR (or VAR's vae_ch160v4096z32.pth)")
         self.vqvae = load_vqvae_for(cfg.star_train.vqvae, cfg.model.patch_nums).to(device)
         if cfg.loop.init_from:
             warn_if_started_from_another_setup(cfg, self.vqvae)
