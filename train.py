@@ -67,9 +67,15 @@ def build_dataset(cfg: RunConfig, resolution: int, validation: bool = False):
         count, split = (cfg.loop.eval_samples, "heldout") if validation else (d.shapes_count, "train")
         return ShapesDataset(count, transform, split, d.shapes_seed, d.shapes_texture, caption_dropout,
                              seed=cfg.loop.seed)
-    return LMDBImageTextDataset(d.val_lmdb_dirs if validation else d.lmdb_dirs, transform,
-                                tuple(d.caption_keys) if d.caption_keys else None, caption_dropout, d.min_side,
-                                d.max_aspect, seed=cfg.loop.seed)
+    dirs = d.val_lmdb_dirs if validation else d.lmdb_dirs
+    dataset = LMDBImageTextDataset(dirs, transform, tuple(d.caption_keys) if d.caption_keys else None,
+                                   caption_dropout, d.min_side, d.max_aspect, seed=cfg.loop.seed)
+    if dataset.upscaled and dist.is_main_process():
+        get_logger("star").warning(
+            "%d of %d records in %s have a shorter side below the training resolution (%d px) and are upscaled to "
+            "it: pack larger images, or leave them out with --data.min_side=%d", dataset.upscaled, len(dataset),
+            "data.val_lmdb_dirs" if validation else "data.lmdb_dirs", resolution, resolution)
+    return dataset
 
 
 def main(argv: list[str], required_stage: str | None = None, usage: str = __doc__) -> int:

@@ -42,7 +42,8 @@ def test_pack_folder_counts_and_dataset(photo_folder, tmp_path):
     assert summary["packed"] == 6
     assert summary["skipped"] == {"unreadable image": 1, "missing caption": 1, "too small": 1}
     ds = LMDBImageTextDataset([tmp_path / "out"], ImageTransform(32))
-    assert len(ds) == 6
+    assert len(ds) == 6 and ds.upscaled == 0
+    assert LMDBImageTextDataset([tmp_path / "out"], ImageTransform(64)).upscaled == 6  # 80x60 images
     item = ds[0]
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
     assert -1 <= item["image"].min() and item["image"].max() <= 1

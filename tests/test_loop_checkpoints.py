@@ -2,6 +2,7 @@
 a clear error when the model no longer fits."""
 from tests.train_helpers import history, make_vqvae_dir, run_train, star_overrides, vqvae_overrides
 from utils.config import config_changes
+from utils.data.pack import shapes_items
 
 
 def test_config_changes_lists_every_differing_setting():
@@ -33,7 +34,7 @@ def test_resume_names_changed_settings_and_refuses_another_architecture(tmp_path
 def test_resume_on_a_data_set_of_another_size_says_so(tmp_path):
     """Shards added to or removed from the same folders change no setting, but they change the epoch order. A
     finished run started again says that it is complete."""
-    from utils.data.pack import PackOptions, pack, shapes_items
+    from utils.data.pack import PackOptions, pack
     pack(shapes_items(48), tmp_path / "data", PackOptions(shard_size=16))
     args = vqvae_overrides(**{"data.source": "lmdb", "data.lmdb_dirs": str(tmp_path / "data"), "loop.steps": 2,
                               "loop.ckpt_every": 1, "loop.out_dir": str(tmp_path / "run")})
@@ -54,3 +55,15 @@ def test_checkpoints_by_time_as_well_as_by_steps(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*.pt")) == [f"ckpt-0000000{s}.pt" for s in range(1, 6)]
     assert [row["step"] for row in history(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+def test_training_on_records_smaller_than_the_resolution_warns(tmp_path):
+    """Images packed at 8 px trained at 16 px are upscaled: said once at the start, naming the fix."""
+    from utils.data.pack import PackOptions, pack
+    pack(shapes_items(16, size=8), tmp_path / "data", PackOptions())
+    run = run_train(vqvae_overrides(**{"data.source": "lmdb", "data.lmdb_dirs": str(tmp_path / "data"),
+                                       "vqvae.ch_mult": "[1,2,2]", "loop.steps": 1, "loop.out_dir": tmp_path / "r"}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert ("16 of 16 records in data.lmdb_dirs have a shorter side below the training resolution (16 px) and are "
+            "upscaled to it: pack larger images, or leave them out with --data.min_side=16") in run.stderr
+    assert "upscaled" in (tmp_path / "r" / "train.log").read_text()

@@ -96,6 +96,9 @@ class LMDBImageTextDataset(_CaptionedDataset):
                 self.index.append((si, ri))
         if not self.index:
             raise ConfigError("every record was filtered out: data.min_side / data.max_aspect too strict?")
+        # Records smaller than the training resolution are upscaled to it: worth a warning (train.py), as blurry
+        # inputs teach blur (a folder packed with a small test_pack.py --max-side, say).
+        self.upscaled = sum(1 for si, ri in self.index if 0 < min(self.shards[si].sizes[ri]) < transform.resolution)
         self.skipped = 0
 
     def __len__(self) -> int:
