@@ -3,6 +3,11 @@
 Stored in an LMDB environment; the key is sha1(encoder identity + prompt), the value the safetensors bytes of
 {hidden (n, D) over the n valid tokens, pooled (D,)} in float32 (no pickle). Hidden states at padding positions
 are zero in every encoder's output (see text_encoder.py), so cached and direct encodings are identical.
+
+The LMDB map (the most it can hold) starts at ``map_size_gb`` and doubles whenever it is full: with SD 2.1's
+1024-d CLIP states a caption of n tokens takes (n + 1) x 4 KB (85 KB at 20 tokens), so 64 GB held ~800,000
+captions, and a fixed map ended a long training run in ``MapFullError``. Processes sharing the cache (DDP
+ranks) adopt a map another one grew.
 """
 from __future__ import annotations
 
@@ -40,30 +45,43 @@ class CachedTextEncoder:
         mask = torch.zeros(B, L, dtype=torch.long)
         pooled = torch.zeros(B, self.dim)
         missing = []
-        with self.env.begin() as txn:
-            for i, p in enumerate(prompts):
-                raw = txn.get(self.key(p))
-                if raw is None:
-                    missing.append(i)
-                    continue
-                item = st_load(raw)
-                n = item["hidden"].shape[0]
-                hidden[i, :n], mask[i, :n], pooled[i] = item["hidden"], 1, item["pooled"]
+        stored = self._transaction(lambda txn: [txn.get(self.key(p)) for p in prompts])
+        for i, raw in enumerate(stored):
+            if raw is None:
+                missing.append(i)
+                continue
+            item = st_load(raw)
+            n = item["hidden"].shape[0]
+            hidden[i, :n], mask[i, :n], pooled[i] = item["hidden"], 1, item["pooled"]
         self.hits += B - len(missing)
         self.misses += len(missing)
         if missing:
             h, m, pl = self.encoder.encode([prompts[i] for i in missing])
             h, m, pl = h.cpu(), m.cpu(), pl.cpu()
-            with self.env.begin(write=True) as txn:
-                for j, i in enumerate(missing):
-                    n = int(m[j].sum())
-                    if not bool(m[j, :n].all()):
-                        raise ValueError("the cache stores right-padded masks only")
-                    value = st_save({"hidden": h[j, :n].contiguous(), "pooled": pl[j].contiguous()})
-                    txn.put(self.key(prompts[i]), value)
-                    hidden[i], mask[i], pooled[i] = h[j], m[j], pl[j]
+            values = []
+            for j, i in enumerate(missing):
+                n = int(m[j].sum())
+                if not bool(m[j, :n].all()):
+                    raise ValueError("the cache stores right-padded masks only")
+                values.append((self.key(prompts[i]),
+                               st_save({"hidden": h[j, :n].contiguous(), "pooled": pl[j].contiguous()})))
+                hidden[i], mask[i], pooled[i] = h[j], m[j], pl[j]
+            self._transaction(lambda txn: [txn.put(key, value) for key, value in values], write=True)
         device = self.encoder.device
         return hidden.to(device), mask.to(device), pooled.to(device)
+
+    def _transaction(self, body, write: bool = False):
+        """``body(txn)`` in a transaction, retried after growing a full map (doubled) or adopting a map that another
+        process grew. A failed transaction is aborted whole, so a retry writes everything again."""
+        import lmdb
+        while True:
+            try:
+                with self.env.begin(write=write) as txn:
+                    return body(txn)
+            except lmdb.MapResizedError:  # another process grew the map past ours: take its size
+                self.env.set_mapsize(0)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(2 * self.env.info()["map_size"])
 
     def close(self) -> None:
         self.env.close()

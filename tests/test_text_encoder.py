@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -99,6 +101,37 @@ def test_cache_is_identical_to_direct_encoding(tiny, tmp_path):
     other = CachedTextEncoder(TinyTextEncoder(seed=5), tmp_path / "cache")
     other.encode(PROMPTS[:1])
     assert other.misses == 1
+
+
+def test_cache_grows_a_full_map_and_adopts_one_another_process_grew(tiny, tmp_path):
+    """The map started at 64 GB and never grew: SD 2.1 CLIP features of ~1M captions ended a run in MapFullError."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    prompts = [f"a red circle number {i} at the top left" for i in range(60)]
+    small = 2 ** -14  # 64 KiB: a few entries of 64-d states
+    cached = CachedTextEncoder(tiny, tmp_path / "cache", map_size_gb=small)
+    start = cached.env.info()["map_size"]
+    for b in range(0, 60, 20):
+        cached.encode(prompts[b:b + 20])
+    assert cached.misses == 60 and len(cached) == 60 and cached.env.info()["map_size"] > start
+    for a, b in zip(tiny.encode(prompts), cached.encode(prompts)):
+        assert torch.equal(a, b)
+    assert cached.hits == 60
+    # Another process (a second DDP rank) grows the map further; this one then reads what it wrote
+    more = [f"a blue square number {i} below a green triangle" for i in range(200)]
+    writer = ("import sys; from models.text_cache import CachedTextEncoder; from models.text_encoder import "
+              "TinyTextEncoder; c = CachedTextEncoder(TinyTextEncoder(width=64, layers=2, heads=2, seed=0), "
+              f"sys.argv[1], map_size_gb={small}); c.encode({more!r}); print(c.env.info()['map_size'])")
+    run = subprocess.run([sys.executable, "-c", writer, str(tmp_path / "cache")], cwd=REPO, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout) > cached.env.info()["map_size"]
+    for a, b in zip(tiny.encode(more), cached.encode(more)):
+        assert torch.equal(a, b)
+    assert cached.hits == 260 and cached.env.info()["map_size"] == int(run.stdout)
+    cached.close()
 
 
 def test_t5_backend_shapes_and_pooling(tmp_path):
