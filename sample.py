@@ -197,12 +197,7 @@ def item_done(out: Path, i: int, args, items: list[dict], settings: dict) -> boo
     except (OSError, ValueError):
         return False
     expected = json.loads(json.dumps(item_record(args, items, i, settings)))  # lists for tuples, as on disk
-
-    def same(key, value):
-        if key in PATH_KEYS and value is not None and saved.get(key) is not None:
-            return Path(saved[key]).resolve() == Path(value).resolve()
-        return saved.get(key, None) == value
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in expected.items() if not same(k, v)]
+    changed = cli.settings_changes(saved, expected, PATH_KEYS)
     if changed:
         raise cli.InputError(f"{meta_path} was generated otherwise ({'; '.join(changed)}): write to another --out, "
                              "or pass --overwrite to make its items again")

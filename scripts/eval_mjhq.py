@@ -83,18 +83,11 @@ def generation_record(args) -> dict:
 
 def check_generation_record(gen_dir: Path, args) -> None:
     """Refuse to add to (or score) images made with other settings; record this run's settings (rank 0) when
-    OUT/generated has none yet. Paths compare resolved, so a relative --ckpt and its absolute form agree."""
+    OUT/generated has none yet."""
     path = gen_dir / GENERATION_RECORD
     ours = generation_record(args)
     if path.is_file():
-        saved = json.loads(path.read_text())
-
-        def same(key):
-            a, b = saved.get(key), ours[key]
-            if key in ("ckpt", "vae") and a is not None and b is not None:
-                return Path(a).resolve() == Path(b).resolve()
-            return a == b
-        changed = [f"{k} {saved.get(k)!r} -> {ours[k]!r}" for k in GENERATION_KEYS if not same(k)]
+        changed = cli.settings_changes(json.loads(path.read_text()), ours, path_keys=("ckpt", "vae"))
         if changed:
             raise cli.InputError(f"{gen_dir} holds images generated otherwise ({'; '.join(changed)}): use another "
                                  "--out, or delete that folder to generate them again")

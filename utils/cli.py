@@ -3,13 +3,14 @@
 A bad config, an unusable checkpoint or a missing file is the user's to fix, and the message says how; the
 traceback only buries it. ``STAR_TRACEBACK=1`` shows the traceback anyway. Other exceptions (bugs) propagate.
 ``device_arg``, ``positive_int``, ``non_negative_int`` and ``fraction`` are argparse types that refuse a bad flag
-before anything loads.
+before anything loads; ``settings_changes`` says how a resumed output folder was made otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -70,6 +71,18 @@ def fraction(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
     return value
+
+
+def settings_changes(saved: dict, ours: dict, path_keys: tuple[str, ...] = ()) -> list[str]:
+    """``"key old -> new"`` for each key of ``ours`` whose value differs from ``saved`` (a resumed output folder's
+    record of what made it); ``path_keys`` compare as resolved paths, so a relative path and its absolute form
+    agree."""
+    def same(key):
+        a, b = saved.get(key), ours[key]
+        if key in path_keys and a is not None and b is not None:
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+    return [f"{key} {saved.get(key)!r} -> {ours[key]!r}" for key in ours if not same(key)]
 
 
 def default_device() -> str:
