@@ -85,6 +85,22 @@ def test_two_data_sets_over_the_same_shards_both_read_them(photo_folder, tmp_pat
     assert train.skipped == val.skipped == 0
 
 
+def test_more_shards_than_the_process_may_open_files_are_all_read(tmp_path):
+    """Every shard kept its LMDB file open: past the open-files limit (ulimit -n) every read failed and the rest of
+    the data set was skipped as unreadable. Here: 300 one-record shards under a limit of 128 files."""
+    from utils.data.pack import shapes_items
+    pack(shapes_items(300, size=8), tmp_path / "data", PackOptions(shard_size=1))
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit("
+              "resource.RLIMIT_NOFILE)[1])); from utils.data.dataset import ImageTransform, LMDBImageTextDataset; "
+              "from utils.data import records; ds = LMDBImageTextDataset([sys.argv[1]], ImageTransform(8)); "
+              "keys = [ds[i]['key'] for i in range(len(ds))] + [ds[i]['key'] for i in range(len(ds))]; "
+              "print(len(ds), len(set(keys)), ds.skipped, len(next(iter(records._SHARED_ENVS.values()))))")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data")], cwd=REPO, capture_output=True,
+                         text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["300", "300", "0", "32"]  # all read, none skipped, at most 128 / 4 envs open
+
+
 def test_records_of_two_folders_with_the_same_file_names_stay_distinct(tmp_path):
     # Two photo folders packed separately both hold "a.png": the items' source ids collide, their record numbers
     # (what the token cache keys on) must not, or a cache would serve one image's tokens for the other.

@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import struct
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,15 +60,35 @@ def open_readonly(path: str | Path, subdir: bool = True) -> lmdb.Environment:
 # LMDB lets a process open an environment once: a second open of the same path fails ("already open in this
 # process"), which made every record of a second data set over the same shards (validation data that is the
 # training data, a notebook building a data set twice) look unreadable. Shards share one per path and process.
-_SHARED_ENVS: dict[tuple[int, str], lmdb.Environment] = {}
+# Each open environment holds a file descriptor: with more shards than the process may open files (ulimit -n,
+# often 1024; 10M images in shards of 10k are 1000 shards), every read past the limit failed and those records
+# were skipped as unreadable. So at most ``max_open_envs()`` stay open, the least recently used closed first
+# (reopening one costs ~0.1 ms, a JPEG decode ~5 ms).
+_SHARED_ENVS: dict[int, OrderedDict[str, lmdb.Environment]] = {}  # pid -> path -> env, least recently used first
+
+
+def max_open_envs() -> int:
+    """A quarter of the files this process may open (the rest for sockets, checkpoints, logs), at least 8."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):  # no ``resource`` module (Windows)
+        return 256
+    return 4096 if soft == resource.RLIM_INFINITY else max(8, soft // 4)
 
 
 def shared_readonly(path: str | Path, subdir: bool = True) -> lmdb.Environment:
-    """``open_readonly(path)``, opened once per process and shared by every reader of that path."""
-    key = (os.getpid(), str(Path(path).resolve()))
-    if key not in _SHARED_ENVS:
-        _SHARED_ENVS[key] = open_readonly(path, subdir)
-    return _SHARED_ENVS[key]
+    """``open_readonly(path)``, opened once per process and shared by every reader of that path while open. Only
+    this process's environments are counted and closed (a forked worker leaves its parent's alone)."""
+    envs = _SHARED_ENVS.setdefault(os.getpid(), OrderedDict())
+    key = str(Path(path).resolve())
+    if key in envs:
+        envs.move_to_end(key)
+        return envs[key]
+    while envs and len(envs) >= max_open_envs():
+        envs.popitem(last=False)[1].close()
+    envs[key] = open_readonly(path, subdir)
+    return envs[key]
 
 
 class _PlainUnpickler(pickle.Unpickler):
