@@ -128,7 +128,7 @@ def test_manifest_jsonl_and_csv(tmp_path):
     assert s1["packed"] == 3 and s2["packed"] == 3 and s2["skipped"] == {"missing image": 1}
     ds = LMDBImageTextDataset([tmp_path / "o1"], ImageTransform(16), caption_keys=("alt",))
     assert ds[1]["caption"].startswith("a")
-    assert LMDBImageTextDataset([tmp_path / "o2"], ImageTransform(16)).shards[0].sizes[0] == (40, 30)
+    assert LMDBImageTextDataset([tmp_path / "o2"], ImageTransform(16)).shards[0].sizes[0].tolist() == [40, 30]
 
 
 def test_official_json_layout_packs(tmp_path):

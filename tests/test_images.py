@@ -74,7 +74,7 @@ def test_packed_photos_are_read_upright(keep_original, tmp_path):
         (folder / f"{name}.txt").write_text(name)
     pack(folder_items(folder), tmp_path / "out", PackOptions(keep_original=keep_original))
     ds = LMDBImageTextDataset([tmp_path / "out"], ImageTransform(20))
-    assert ds.shards[0].sizes == [(40, 20), (30, 30)]
+    assert ds.shards[0].sizes.tolist() == [[40, 20], [30, 30]]
     phone, scan = (ds[i] for i in range(2))
     assert phone["caption"] == "phone" and scan["caption"] == "scan"
     # the centre 20x20 crop of the upright 40x20 image: top half white, bottom half black

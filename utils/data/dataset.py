@@ -88,24 +88,31 @@ class LMDBImageTextDataset(_CaptionedDataset):
         self.shards = [Shard(p) for root in roots for p in find_shards(root)]
         if not self.shards:
             raise FileNotFoundError(f"no complete LMDB shards under {roots}: pack data with test_pack.py first")
-        self.index: list[tuple[int, int]] = []
+        # (N, 2) int64 arrays, not lists of tuples: 20M records were ~4 GB of Python objects per process, and
+        # DataLoader workers copy such objects' pages as they touch their reference counts.
+        kept, upscaled = [], 0
         for si, shard in enumerate(self.shards):
-            for ri, (w, h) in enumerate(shard.sizes):
-                if w and h and (min(w, h) < min_side or (max_aspect and max(w, h) / min(w, h) > max_aspect)):
-                    continue
-                self.index.append((si, ri))
-        if not self.index:
+            w, h = shard.sizes[:, 0].astype(np.float64), shard.sizes[:, 1].astype(np.float64)
+            known, short = (w > 0) & (h > 0), np.minimum(w, h)
+            drop = known & (short < min_side)
+            if max_aspect:
+                drop |= known & (np.maximum(w, h) > max_aspect * short)
+            rows = np.flatnonzero(~drop)
+            kept.append(np.stack((np.full_like(rows, si), rows), axis=1))
+            # Smaller than the training resolution: upscaled, worth a warning (train.py), as blurry inputs teach
+            # blur (a folder packed with a small test_pack.py --max-side, say).
+            upscaled += int((known & (short < transform.resolution))[rows].sum())
+        self.index = np.concatenate(kept).astype(np.int64)
+        if not len(self.index):
             raise ConfigError("every record was filtered out: data.min_side / data.max_aspect too strict?")
-        # Records smaller than the training resolution are upscaled to it: worth a warning (train.py), as blurry
-        # inputs teach blur (a folder packed with a small test_pack.py --max-side, say).
-        self.upscaled = sum(1 for si, ri in self.index if 0 < min(self.shards[si].sizes[ri]) < transform.resolution)
+        self.upscaled = upscaled
         self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.index)
 
     def load(self, i: int) -> tuple[Image.Image, dict]:
-        si, ri = self.index[i]
+        si, ri = self.index[i].tolist()
         header, data = self.shards[si].read(ri)
         img = Image.open(io.BytesIO(data))
         img.load()

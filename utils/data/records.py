@@ -25,6 +25,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:  # imported where used: training on the built-in shapes data needs no lmdb
     import lmdb
 
@@ -101,14 +103,14 @@ def safe_unpickle(data: bytes):
 
 
 class Shard:
-    """One shard of either format: ``len()``, ``sizes`` [(w, h)], ``read(i) -> (header, image bytes)``.
+    """One shard of either format: ``len()``, ``sizes`` (n, 2) int32 [w, h], ``read(i) -> (header, image bytes)``.
     The LMDB environment opens lazily (after DataLoader workers fork) and reopens in a new process."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if (self.path.parent / f"{self.path.name}.index.json").is_file():  # ours
             self.official = False
-            self.sizes = [tuple(s) for s in json.loads((self.path.parent / f"{self.path.name}.index.json").read_text())]
+            sizes = json.loads((self.path.parent / f"{self.path.name}.index.json").read_text())
         else:
             info_path = self.path.parent / f"{self.path.name}-info.json"
             if not info_path.is_file():
@@ -117,7 +119,8 @@ class Shard:
             self.official = True
             self.info = json.loads(info_path.read_text())
             self.keys = list(self.info)
-            self.sizes = [(int(v.get("width", 0)), int(v.get("height", 0))) for v in self.info.values()]
+            sizes = [(int(v.get("width") or 0), int(v.get("height") or 0)) for v in self.info.values()]
+        self.sizes = np.asarray(sizes, dtype=np.int32).reshape(-1, 2)  # (n, 2) width, height; 0 = unknown
 
     def __len__(self) -> int:
         return len(self.sizes)
