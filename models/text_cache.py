@@ -19,6 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from models.text_encoder import TextEncoder
+from utils.data.records import growing_transaction
 
 
 class CachedTextEncoder:
@@ -45,7 +46,7 @@ class CachedTextEncoder:
         mask = torch.zeros(B, L, dtype=torch.long)
         pooled = torch.zeros(B, self.dim)
         missing = []
-        stored = self._transaction(lambda txn: [txn.get(self.key(p)) for p in prompts])
+        stored = growing_transaction(self.env, lambda txn: [txn.get(self.key(p)) for p in prompts])
         for i, raw in enumerate(stored):
             if raw is None:
                 missing.append(i)
@@ -66,22 +67,9 @@ class CachedTextEncoder:
                 values.append((self.key(prompts[i]),
                                st_save({"hidden": h[j, :n].contiguous(), "pooled": pl[j].contiguous()})))
                 hidden[i], mask[i], pooled[i] = h[j], m[j], pl[j]
-            self._transaction(lambda txn: [txn.put(key, value) for key, value in values], write=True)
+            growing_transaction(self.env, lambda txn: [txn.put(key, value) for key, value in values], write=True)
         device = self.encoder.device
         return hidden.to(device), mask.to(device), pooled.to(device)
-
-    def _transaction(self, body, write: bool = False):
-        """``body(txn)`` in a transaction, retried after growing a full map (doubled) or adopting a map that another
-        process grew. A failed transaction is aborted whole, so a retry writes everything again."""
-        import lmdb
-        while True:
-            try:
-                with self.env.begin(write=write) as txn:
-                    return body(txn)
-            except lmdb.MapResizedError:  # another process grew the map past ours: take its size
-                self.env.set_mapsize(0)
-            except lmdb.MapFullError:
-                self.env.set_mapsize(2 * self.env.info()["map_size"])
 
     def close(self) -> None:
         self.env.close()

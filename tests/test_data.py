@@ -101,6 +101,16 @@ def test_more_shards_than_the_process_may_open_files_are_all_read(tmp_path):
     assert run.stdout.split() == ["300", "300", "0", "32"]  # all read, none skipped, at most 128 / 4 envs open
 
 
+def test_a_shard_larger_than_its_initial_map_is_packed_whole(tmp_path):
+    """The map was fixed (64 GB a shard, no flag): a shard of larger images ended the pack in MapFullError."""
+    from utils.data.pack import shapes_items
+    small = pack(shapes_items(40), tmp_path / "small", PackOptions(shard_size=25, map_size_gb=2 ** -16))  # 16 KiB
+    usual = pack(shapes_items(40), tmp_path / "usual", PackOptions(shard_size=25))
+    assert small["packed"] == usual["packed"] == 40 and small["shards_written"] == 2
+    a, b = (LMDBImageTextDataset([tmp_path / d], ImageTransform(64)) for d in ("small", "usual"))
+    assert all(torch.equal(a[i]["image"], b[i]["image"]) and a[i]["caption"] == b[i]["caption"] for i in range(40))
+
+
 def test_records_of_two_folders_with_the_same_file_names_stay_distinct(tmp_path):
     # Two photo folders packed separately both hold "a.png": the items' source ids collide, their record numbers
     # (what the token cache keys on) must not, or a cache would serve one image's tokens for the other.

@@ -24,7 +24,7 @@ from PIL import Image
 
 from utils.cli import InputError
 from utils.data.images import to_rgb
-from utils.data.records import FORMAT, META_KEY, encode_record, record_key
+from utils.data.records import FORMAT, META_KEY, encode_record, growing_transaction, record_key
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OFFICIAL_CAPTION_KEYS = ("prompt", "google_jp", "llava_zh", "minicpm_caption", "caption", "swintag", "florence_en")
@@ -46,7 +46,7 @@ class PackOptions:
     min_side: int = 0                # skip images whose shorter side is smaller
     keep_original: bool = False      # store the original file bytes when no resize is needed
     workers: int = 1
-    map_size_gb: float = 64.0
+    map_size_gb: float = 64.0        # the LMDB map a shard starts with; doubled whenever it is full
 
 
 @dataclass
@@ -178,6 +178,9 @@ class _TooSmall(Exception):
     pass
 
 
+PENDING_BYTES = 256 * 2 ** 20  # records held for one transaction: at most 1000 or this many bytes
+
+
 def write_shard(out_dir: Path, shard_id: int, items: list[Item], opts: PackOptions) -> ShardStats:
     """Write one shard (atomically marked complete by its .done.json)."""
     name = f"shard-{shard_id:05d}"
@@ -188,8 +191,14 @@ def write_shard(out_dir: Path, shard_id: int, items: list[Item], opts: PackOptio
         for f in path.iterdir():
             f.unlink()
     env = lmdb.open(str(path), map_size=int(opts.map_size_gb * 2 ** 30), subdir=True, meminit=False)
+    pending: list[tuple[bytes, bytes]] = []  # records since the last commit: written again if the map grows
+
+    def commit() -> None:
+        growing_transaction(env, lambda txn: [txn.put(key, value) for key, value in pending], write=True)
+        pending.clear()
+
+    pending_bytes = 0
     try:
-        txn = env.begin(write=True)
         for item in items:
             if item.problem:
                 stats.skip(item.key, item.problem)
@@ -210,14 +219,15 @@ def write_shard(out_dir: Path, shard_id: int, items: list[Item], opts: PackOptio
                 stats.skip(item.key, "unreadable image")
                 continue
             header = {"key": item.key, "captions": captions, "width": w, "height": h, "format": fmt}
-            txn.put(record_key(stats.packed), encode_record(header, data))
+            pending.append((record_key(stats.packed), encode_record(header, data)))
+            pending_bytes += len(pending[-1][1])
             sizes.append([w, h])
             stats.packed += 1
-            if stats.packed % 1000 == 0:  # keep transactions small
-                txn.commit()
-                txn = env.begin(write=True)
-        txn.put(META_KEY, json.dumps({"format": FORMAT, "count": stats.packed}).encode())
-        txn.commit()
+            if len(pending) == 1000 or pending_bytes > PENDING_BYTES:  # keep transactions small
+                commit()
+                pending_bytes = 0
+        pending.append((META_KEY, json.dumps({"format": FORMAT, "count": stats.packed}).encode()))
+        commit()
         env.sync()
     finally:
         env.close()

@@ -59,6 +59,21 @@ def open_readonly(path: str | Path, subdir: bool = True) -> lmdb.Environment:
                      max_readers=512)
 
 
+def growing_transaction(env: lmdb.Environment, body, write: bool = False):
+    """``body(txn)`` in a transaction of ``env``, retried after doubling a full map (``MapFullError``) or adopting a
+    map that another process grew (``MapResizedError``). A failed transaction is aborted whole, so ``body`` must
+    do all its work again when called anew. Writers (packing, the caption cache) need no map size up front."""
+    import lmdb
+    while True:
+        try:
+            with env.begin(write=write) as txn:
+                return body(txn)
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)
+        except lmdb.MapFullError:
+            env.set_mapsize(2 * env.info()["map_size"])
+
+
 # LMDB lets a process open an environment once: a second open of the same path fails ("already open in this
 # process"), which made every record of a second data set over the same shards (validation data that is the
 # training data, a notebook building a data set twice) look unreadable. Shards share one per path and process.
