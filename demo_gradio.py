@@ -17,7 +17,7 @@ import time
 
 import gradio as gr
 
-from models.pipeline import StarPipeline, add_pipeline_args
+from models.pipeline import StarPipeline, add_pipeline_args, check_seed
 from utils import cli
 
 TINY_NOTE = ("**Note:** no checkpoint was given, so this demo runs the *embedded tiny model* with random weights: "
@@ -34,6 +34,10 @@ def build_demo(pipe: StarPipeline, note: str = "", max_images: int = 4) -> gr.Bl
         if (image is None) != (mask is None):
             raise gr.Error("Editing needs both an image and a mask (white = regenerate).")
         seed = random.randrange(2 ** 31) if randomize or seed is None else int(seed)  # a cleared box: a new one
+        try:
+            check_seed(seed)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
         kwargs = dict(negative_prompt=negative or "", cfg=float(cfg), top_k=int(top_k), top_p=float(top_p),
                       seed=seed, use_sampler=bool(use_sampler) and has_sampler,
                       num_images=max(1, min(int(num_images), max_images)))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from models.pipeline import StarPipeline, add_pipeline_args
+from models.pipeline import StarPipeline, add_pipeline_args, check_seed
 from models.sampler import SCHEDULES
 from utils import cli, dist
 
@@ -130,6 +130,11 @@ def main(argv=None) -> int:
     if world > 1 and device.type == "cuda":
         args.device = str(device)
     items = read_items(args)
+    for i in range(len(items)):  # before the model loads: torch's error for a huge seed came mid-run
+        try:
+            check_seed(item_seed(args, items, i))
+        except ValueError as e:
+            raise cli.InputError(f"item {i}: {e}") from None
     edit = (open_image(args.edit_image, "--edit-image"), open_image(args.edit_mask, "--edit-mask")) \
         if args.edit_image else None
     out = Path(args.out)

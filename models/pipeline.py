@@ -199,9 +199,9 @@ class StarPipeline:
         if isinstance(seed, (np.ndarray, torch.Tensor)):  # an array of seeds, one per prompt (or one seed)
             seed = seed.tolist()
         if not isinstance(seed, (list, tuple)):
-            generator = torch.Generator(self.device).manual_seed(int(seed))
+            generator = seeded_generator(self.device, seed)
         elif len(seed) * num_images == len(prompts):
-            generator = [torch.Generator(self.device).manual_seed(int(s)) for s in seed]
+            generator = [seeded_generator(self.device, s) for s in seed]
         else:
             raise ValueError(f"{len(seed)} seeds for {len(prompts) // num_images} prompts: give one seed per prompt")
         text = self.encode_text(prompts, negative)
@@ -239,6 +239,21 @@ class StarPipeline:
         known = [t.repeat(n, 1) for t in self.vqvae.img_to_idx(x)]
         keep = [k.repeat(n, 1) for k in keep_masks(m, self.star.cfg.patch_nums)]
         return self(prompt, keep_tokens=known, keep=keep, **kwargs)
+
+
+SEED_RANGE = (-2 ** 63, 2 ** 64)  # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int, or a ValueError naming the range (torch's own error was 'Overflow when unpacking')."""
+    seed = int(seed)
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ValueError(f"seed {seed} is out of range: seeds lie in [-2**63, 2**64)")
+    return seed
+
+
+def seeded_generator(device, seed) -> torch.Generator:
+    return torch.Generator(device).manual_seed(check_seed(seed))
 
 
 def add_pipeline_args(parser: argparse.ArgumentParser, ckpt_help: str) -> None:

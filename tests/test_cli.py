@@ -270,6 +270,16 @@ def test_an_unusable_loop_resume_file_is_one_line(tmp_path, capsys, kind, messag
     assert message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("argv", [["--prompt", "a", "--seed", str(2 ** 64)], ["--prompts", "items.jsonl"]])
+def test_a_seed_torch_cannot_take_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, argv):
+    """torch's 'Overflow when unpacking long long' came as a traceback once the model had loaded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "items.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "seed": -9223372036854775809}\n')
+    monkeypatch.setattr(sample, "load_pipeline", lambda args: pytest.fail("the model loaded"))
+    assert cli.run(sample.main, argv + ["--out", str(tmp_path / "out")]) == 2
+    assert "is out of range: seeds lie in [-2**63, 2**64)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["prompts.txt", "items.jsonl"])
 def test_an_empty_prompt_file_is_an_error(tmp_path, capsys, name):
     """It was a run that generated 0 items and exited 0."""

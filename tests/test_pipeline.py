@@ -112,10 +112,12 @@ def test_seeds_and_negative_prompt(pipe):
     (dict(prompts="a", cfg=float("nan")), "cfg must be a finite number"),
     (dict(prompts="a", top_k=-1), "top_k must be >= 0"),
     (dict(prompts="a", top_p=1.5), r"top_p must lie in \[0, 1\]"),
+    (dict(prompts="a", seed=2 ** 64), r"seed 18446744073709551616 is out of range: seeds lie in \[-2\*\*63"),
+    (dict(prompts=["a", "b"], seed=[0, -2 ** 63 - 1]), "seed -9223372036854775809 is out of range"),
 ])
 def test_bad_call_arguments_are_refused_before_generating(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        pipe(**kwargs, seed=0)
+        pipe(**{"seed": 0, **kwargs})
 
 
 def test_inpainting_keeps_unmasked_tokens_at_every_scale(pipe):
