@@ -29,7 +29,7 @@ from PIL import Image  # noqa: E402
 from metrics.clip_score import ClipEmbedder, clip_score, find_clip_weights  # noqa: E402
 from metrics.cmmd import cmmd  # noqa: E402
 from metrics.fid import InceptionFeatures, feature_stats, find_inception_weights, frechet_distance  # noqa: E402
-from models.pipeline import StarPipeline, add_pipeline_args  # noqa: E402
+from models.pipeline import StarPipeline, add_pipeline_args, check_seed  # noqa: E402
 from models.sampler import SCHEDULES  # noqa: E402
 from utils import cli, dist  # noqa: E402
 
@@ -197,6 +197,11 @@ def main(argv=None, pipe: StarPipeline | None = None, extractors: tuple | None =
     if dist.get_world_size() > 1 and device.type == "cuda":
         args.device = str(device)
     items = read_meta(args.meta, args.per_category)
+    for i in (0, len(items) - 1):  # image i is drawn with seed --seed + i: both ends in range, all are
+        try:
+            check_seed(args.seed + i)
+        except ValueError as e:
+            raise cli.InputError(f"--seed: {e}") from None
     gen_dir = args.out / "generated"
     if extractors is None:  # hours of generation must not end in a missing file: check what scoring reads now
         check_scoring_inputs(items, args)

@@ -178,6 +178,8 @@ def test_eval_mjhq_uses_the_papers_guidance_and_checks_settings_first(tmp_path, 
     assert f"the window needs 0 <= i <= j <= {pipe.star.num_scales - 1}" in capsys.readouterr().err
     assert not (tmp_path / "out" / "generated").exists()
     extractors = (StandInInception(), tiny_clip)
+    assert cli.run(lambda: eval_mjhq.main(args + ["--seed", str(2 ** 64 - 2)], pipe=pipe, extractors=extractors)) == 2
+    assert "--seed: seed 18446744073709551617 is out of range" in capsys.readouterr().err  # the last image's
     assert cli.run(lambda: eval_mjhq.main(args + ["--skip-generation"], extractors=extractors)) == 2
     assert "--skip-generation: 4 of 4 generated images are missing" in capsys.readouterr().err
     seen = []
