@@ -192,12 +192,14 @@ def write_shard(out_dir: Path, shard_id: int, items: list[Item], opts: PackOptio
             f.unlink()
     env = lmdb.open(str(path), map_size=int(opts.map_size_gb * 2 ** 30), subdir=True, meminit=False)
     pending: list[tuple[bytes, bytes]] = []  # records since the last commit: written again if the map grows
+    pending_bytes = 0
 
     def commit() -> None:
+        nonlocal pending_bytes
         growing_transaction(env, lambda txn: [txn.put(key, value) for key, value in pending], write=True)
         pending.clear()
+        pending_bytes = 0
 
-    pending_bytes = 0
     try:
         for item in items:
             if item.problem:
@@ -225,7 +227,6 @@ def write_shard(out_dir: Path, shard_id: int, items: list[Item], opts: PackOptio
             stats.packed += 1
             if len(pending) == 1000 or pending_bytes > PENDING_BYTES:  # keep transactions small
                 commit()
-                pending_bytes = 0
         pending.append((META_KEY, json.dumps({"format": FORMAT, "count": stats.packed}).encode()))
         commit()
         env.sync()

@@ -102,7 +102,8 @@ def shared_readonly(path: str | Path, subdir: bool = True) -> lmdb.Environment:
     if key in envs:
         envs.move_to_end(key)
         return envs[key]
-    while envs and len(envs) >= max_open_envs():
+    limit = max_open_envs()
+    while envs and len(envs) >= limit:
         envs.popitem(last=False)[1].close()
     envs[key] = open_readonly(path, subdir)
     return envs[key]
