@@ -86,10 +86,12 @@ def main() -> int:
     with tqdm(total=total, unit="img", desc="packing", file=sys.stderr) as bar:
         summary = pack(items, args.out, opts, progress=bar.update)
     report_skipped(summary.pop("skipped_items"))
-    summary["seconds"] = round(time.time() - start, 2)
+    elapsed = time.time() - start
+    summary["seconds"] = round(elapsed, 2)
     inputs = summary["packed"] + sum(summary["skipped"].values())
     written = summary.pop("inputs_written")  # the speed of this run: reused shards cost no time
-    summary["images_per_s"] = round(written / summary["seconds"], 1) if written and summary["seconds"] else None
+    # From the unrounded time: a pack under 5 ms rounded to 0.00 s and reported no speed, as if nothing was written.
+    summary["images_per_s"] = round(written / elapsed, 1) if written and elapsed > 0 else None
     print(json.dumps(summary))
     if source is not None and inputs == 0 and summary["shards_reused"] == 0:  # a wrong path or layout
         expected = (f"images ({', '.join(IMAGE_EXTS)}) with .txt/.json captions" if args.folder else
